@@ -1,0 +1,118 @@
+"""Synchronous data-parallel backpropagation over the same stages: the baseline FDBP is compared with.
+
+All stages run back to back on every replica; gradients are averaged over replicas and every stage
+takes one optax update per step. On a mesh, every device is a replica (the model is replicated).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fdbp_jax.emulator import replica_mean, split_replicas
+from fdbp_jax.mesh import MESH_AXES, num_devices
+from fdbp_jax.stages import LossFn, Stage, apply_update, backprop_grads, join_variables, predict_stages, split_variables
+
+ALL_DEVICES = P(MESH_AXES)
+
+
+@flax.struct.dataclass
+class BackpropState:
+    tick: jax.Array
+    params: list
+    model_state: list
+    opt_state: list
+
+
+class Backprop:
+    """BP with `replicas` workers simulated by vmap on one device, or on every device of `mesh`."""
+
+    def __init__(
+        self, stages: Sequence[Stage], loss_fn: LossFn, optimizer: optax.GradientTransformation,
+        replicas: int = 1, mesh: Mesh | None = None,
+    ):
+        self.stages = list(stages)
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.mesh = mesh
+        self.replicas = num_devices(mesh) if mesh is not None else replicas
+        if mesh is None:
+            self._step = jax.jit(self._emulated_step)
+            self._predict = jax.jit(self._predict_fn)
+        else:
+            self._step = jax.jit(
+                jax.shard_map(
+                    self._replica_step, mesh=mesh, in_specs=(P(), ALL_DEVICES, ALL_DEVICES),
+                    out_specs=(P(), P()), check_vma=False,
+                ),
+                donate_argnums=0,
+            )
+            self._predict = jax.jit(
+                jax.shard_map(
+                    self._predict_fn, mesh=mesh, in_specs=(P(), P(), ALL_DEVICES), out_specs=ALL_DEVICES,
+                    check_vma=False,
+                )
+            )
+
+    def init(self, variables: Sequence[dict], shapes, label) -> BackpropState:
+        params, model_state = zip(*(split_variables(v) for v in variables))
+        state = BackpropState(
+            tick=jnp.zeros((), jnp.int32),
+            params=list(params),
+            model_state=list(model_state),
+            opt_state=[self.optimizer.init(p) for p in params],
+        )
+        if self.mesh is not None:
+            state = jax.device_put(state, NamedSharding(self.mesh, P()))
+        return state
+
+    def step(self, state: BackpropState, x, y):
+        if self.mesh is not None:
+            x = jax.device_put(x, NamedSharding(self.mesh, ALL_DEVICES))
+            y = jax.device_put(y, NamedSharding(self.mesh, ALL_DEVICES))
+        return self._step(state, x, y)
+
+    def stage_variables(self, state: BackpropState) -> list[dict]:
+        return jax.device_get([join_variables(p, s) for p, s in zip(state.params, state.model_state)])
+
+    def predict(self, state: BackpropState, x) -> jax.Array:
+        if self.mesh is None:
+            return self._predict(state.params, state.model_state, x)
+        x = np.asarray(x)
+        pad = (-x.shape[0]) % self.replicas
+        padded = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+        logits = self._predict(state.params, state.model_state, jax.device_put(padded, NamedSharding(self.mesh, ALL_DEVICES)))
+        return logits[: x.shape[0]]
+
+    def _predict_fn(self, params, model_state, x):
+        return predict_stages(self.stages, [join_variables(p, s) for p, s in zip(params, model_state)], x)
+
+    def _grads(self, state: BackpropState, x, y):
+        return backprop_grads(self.stages, self.loss_fn, state.params, state.model_state, x, y)
+
+    def _emulated_step(self, state: BackpropState, x, y):
+        per_replica = jax.vmap(self._grads, in_axes=(None, 0, 0))(
+            state, split_replicas(x, self.replicas), split_replicas(y, self.replicas)
+        )
+        return self._update(state, *replica_mean(per_replica))
+
+    def _replica_step(self, state: BackpropState, x, y):
+        return self._update(state, *jax.lax.pmean(self._grads(state, x, y), MESH_AXES))
+
+    def _update(self, state: BackpropState, loss, model_state, grads):
+        params, opt_state = zip(
+            *(apply_update(self.optimizer, p, o, g) for p, o, g in zip(state.params, state.opt_state, grads))
+        )
+        new_state = BackpropState(
+            tick=state.tick + 1, params=list(params), model_state=list(model_state), opt_state=list(opt_state)
+        )
+        return new_state, {"loss": loss, "tick": state.tick}
+
+

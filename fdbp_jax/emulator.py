@@ -1,0 +1,161 @@
+"""Single-device reference of fully decoupled backpropagation: every stage, in order, in one jitted
+tick, with `replicas` data-parallel workers simulated by vmap. The mesh engine must match it.
+
+Tick t, stage k (the contract):
+  forward   batch forward_batch(t, k) with the current weights; stash (input, weights) in slot
+            stash_slot(t, k, K); send the activation (and labels) to stage k+1 for tick t+1.
+  last      stage K-1 computes loss and gradients at once and sends the input-gradient back.
+  backward  stage k < K-1 takes the input-gradient stage k+1 sent at tick t-1, scales it by the
+            shrink factor and backpropagates it through its stashed forward of stage_delay(k, K)
+            ticks ago (an exact delayed gradient); the input-gradient goes on to stage k-1.
+  update    gradients are averaged over replicas; stage k updates from first_update_tick(k, K) on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from fdbp_jax import schedule
+from fdbp_jax.stages import (
+    LossFn,
+    Stage,
+    apply_update,
+    delayed_grads,
+    forward,
+    join_variables,
+    last_stage_grads,
+    predict_stages,
+    select_tree,
+    split_variables,
+)
+
+
+@flax.struct.dataclass
+class EmulatorState:
+    """All of the pipeline, stage by stage. Lists of length K (per stage) or K-1 (per boundary)."""
+
+    tick: jax.Array
+    params: list
+    model_state: list
+    opt_state: list
+    stash_inputs: list  # stage k < K-1: (depth_k, replicas, b, ...) inputs of forwards in flight
+    stash_params: list  # stage k < K-1: the params those forwards used, leading axis depth_k
+    stash_model_state: list
+    act_msgs: list  # boundary k: activation sent by stage k, arriving at stage k+1 next tick
+    label_msgs: list  # boundary k: the labels travelling with it
+    grad_msgs: list  # boundary k: input-gradient sent by stage k+1, arriving at stage k next tick
+
+
+def split_replicas(x: jax.Array, replicas: int) -> jax.Array:
+    """(B, ...) -> (replicas, B / replicas, ...): replica r gets the r-th contiguous slice."""
+    return x.reshape(replicas, x.shape[0] // replicas, *x.shape[1:])
+
+
+def replica_mean(tree: Any) -> Any:
+    return jax.tree.map(lambda a: jnp.mean(a, axis=0), tree)
+
+
+class Emulator:
+    """The FDBP contract executed on one device; the reference every engine is tested against."""
+
+    def __init__(
+        self, stages: Sequence[Stage], loss_fn: LossFn, optimizer: optax.GradientTransformation,
+        shrink: float, replicas: int,
+    ):
+        self.stages = list(stages)
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.shrink = shrink
+        self.replicas = replicas
+        self._step = jax.jit(self._tick)
+        self._predict = jax.jit(self._predict_fn)
+
+    def init(self, variables: Sequence[dict], shapes: Sequence[jax.ShapeDtypeStruct], label: jax.ShapeDtypeStruct):
+        """State at tick 0 from per-stage variables and per-replica input shapes (from trace_shapes)."""
+        K, R = len(self.stages), self.replicas
+        params, model_state = zip(*(split_variables(v) for v in variables))
+        zeros = lambda shape, dtype: jnp.zeros(shape, dtype)
+        per_replica = lambda s: zeros((R, *s.shape), s.dtype)
+        inner = range(K - 1)
+        depth = [schedule.stash_depth(k, K) for k in inner]
+        return EmulatorState(
+            tick=jnp.zeros((), jnp.int32),
+            params=list(params),
+            model_state=list(model_state),
+            opt_state=[self.optimizer.init(p) for p in params],
+            stash_inputs=[zeros((depth[k], R, *shapes[k].shape), shapes[k].dtype) for k in inner],
+            stash_params=[jax.tree.map(lambda a, d=depth[k]: zeros((d, *a.shape), a.dtype), params[k]) for k in inner],
+            stash_model_state=[
+                jax.tree.map(lambda a, d=depth[k]: zeros((d, *a.shape), a.dtype), model_state[k]) for k in inner
+            ],
+            act_msgs=[per_replica(shapes[k + 1]) for k in inner],
+            label_msgs=[per_replica(label) for _ in inner],
+            grad_msgs=[per_replica(shapes[k + 1]) for k in inner],
+        )
+
+    def step(self, state: EmulatorState, x: jax.Array, y: jax.Array):
+        return self._step(state, x, y)
+
+    def stage_variables(self, state: EmulatorState) -> list[dict]:
+        return jax.device_get([join_variables(p, s) for p, s in zip(state.params, state.model_state)])
+
+    def predict(self, state: EmulatorState, x: jax.Array) -> jax.Array:
+        return self._predict(state.params, state.model_state, x)
+
+    def _predict_fn(self, params, model_state, x):
+        return predict_stages(self.stages, [join_variables(p, s) for p, s in zip(params, model_state)], x)
+
+    def _tick(self, state: EmulatorState, x: jax.Array, y: jax.Array):
+        K, t = len(self.stages), state.tick
+        shared_weights = lambda fn, batched: jax.vmap(fn, in_axes=(None, None) + (0,) * batched)
+        new = dict(params=[], model_state=[], opt_state=[], stash_inputs=[], stash_params=[], stash_model_state=[])
+        act_msgs, label_msgs, grad_msgs = [None] * (K - 1), [None] * (K - 1), [None] * (K - 1)
+        loss = jnp.nan
+        for k, stage in enumerate(self.stages):
+            params, model_state = state.params[k], state.model_state[k]
+            x_in = split_replicas(x, self.replicas) if k == 0 else state.act_msgs[k - 1]
+            labels = split_replicas(y, self.replicas) if k == 0 else state.label_msgs[k - 1]
+            if k == K - 1:
+                fn = lambda p, s, h, l: last_stage_grads(stage, self.loss_fn, p, s, h, l, input_grad=k > 0)
+                losses, fwd_state, grads, input_grads = shared_weights(fn, 2)(
+                    params, model_state, x_in, labels
+                )
+                loss = jnp.where(schedule.forward_batch(t, k) >= 0, jnp.mean(losses), jnp.nan)
+            else:
+                outputs, fwd_state = shared_weights(lambda p, s, h: forward(stage, p, s, h), 1)(
+                    params, model_state, x_in
+                )
+                act_msgs[k], label_msgs[k] = outputs, labels
+                slot = schedule.stash_slot(t, k, K)
+                back_slot = schedule.stash_slot(t - schedule.stage_delay(k, K), k, K)
+                stash_inputs = state.stash_inputs[k].at[slot].set(x_in)
+                stash_params = jax.tree.map(lambda r, a: r.at[slot].set(a), state.stash_params[k], params)
+                stash_state = jax.tree.map(lambda r, a: r.at[slot].set(a), state.stash_model_state[k], model_state)
+                used_params = jax.tree.map(lambda r: r[back_slot], stash_params)
+                used_state = jax.tree.map(lambda r: r[back_slot], stash_state)
+                output_grads = self.shrink * state.grad_msgs[k]
+                fn = lambda p, s, h, g: delayed_grads(stage, p, s, h, g, input_grad=k > 0)
+                grads, input_grads = shared_weights(fn, 2)(
+                    used_params, used_state, stash_inputs[back_slot], output_grads
+                )
+                new["stash_inputs"].append(stash_inputs)
+                new["stash_params"].append(stash_params)
+                new["stash_model_state"].append(stash_state)
+            if k > 0:
+                grad_msgs[k - 1] = input_grads
+            has_forward = schedule.forward_batch(t, k) >= 0
+            has_gradient = schedule.backward_batch(t, k, K) >= 0
+            updated_params, updated_opt = apply_update(self.optimizer, params, state.opt_state[k], replica_mean(grads))
+            new["params"].append(select_tree(has_gradient, updated_params, params))
+            new["opt_state"].append(select_tree(has_gradient, updated_opt, state.opt_state[k]))
+            new["model_state"].append(select_tree(has_forward, replica_mean(fwd_state), model_state))
+        new_state = EmulatorState(
+            tick=t + 1, act_msgs=act_msgs, label_msgs=label_msgs, grad_msgs=grad_msgs, **new
+        )
+        return new_state, {"loss": loss, "tick": t}
+

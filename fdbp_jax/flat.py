@@ -1,0 +1,82 @@
+"""Pack a pytree into one flat vector per dtype, padded to a common length.
+
+Stages differ in parameter, optimizer-state and activation shapes, but inside ``shard_map`` every
+device must hold same-shaped blocks; packing each stage's tree into padded flat vectors gives every
+stage device an identical local layout, while each stage unpacks its own tree exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+Flat = dict  # dtype name -> 1-D array
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatLayout:
+    """Where each leaf of one pytree lives in its dtype's flat vector."""
+
+    treedef: Any
+    leaves: tuple  # (dtype name, offset, shape) per leaf, in tree order
+    sizes: Mapping[str, int]  # used length per dtype
+
+    @classmethod
+    def of(cls, tree: PyTree) -> "FlatLayout":
+        flat, treedef = jax.tree.flatten(tree)
+        sizes: dict[str, int] = {}
+        leaves = []
+        for leaf in flat:
+            key = np.dtype(leaf.dtype).name
+            leaves.append((key, sizes.get(key, 0), tuple(leaf.shape)))
+            sizes[key] = sizes.get(key, 0) + int(np.prod(leaf.shape, dtype=np.int64))
+        return cls(treedef, tuple(leaves), sizes)
+
+    def pack(self, tree: PyTree, padded: Mapping[str, int]) -> Flat:
+        """Tree -> {dtype: vector of length padded[dtype]}, zero-padded."""
+        parts: dict[str, list] = {key: [] for key in padded}
+        for (key, _, _), leaf in zip(self.leaves, jax.tree.leaves(tree)):
+            parts[key].append(jnp.ravel(leaf))
+        out = {}
+        for key, length in padded.items():
+            used = self.sizes.get(key, 0)
+            pad = jnp.zeros((length - used,), dtype=key)
+            out[key] = jnp.concatenate([*parts[key], pad]) if parts[key] else pad
+        return out
+
+    def unpack(self, flat: Mapping[str, jax.Array]) -> PyTree:
+        """{dtype: vector} -> tree (padding ignored)."""
+        leaves = [
+            flat[key][offset : offset + int(np.prod(shape, dtype=np.int64))].reshape(shape)
+            for key, offset, shape in self.leaves
+        ]
+        return jax.tree.unflatten(self.treedef, leaves)
+
+
+def padded_sizes(layouts: Sequence[FlatLayout]) -> dict[str, int]:
+    """Common per-dtype length for a set of layouts (at least 1, so no array is empty)."""
+    keys = sorted({key for layout in layouts for key in layout.sizes})
+    return {key: max(1, *(layout.sizes.get(key, 0) for layout in layouts)) for key in keys}
+
+
+def stack_packed(layouts: Sequence[FlatLayout], trees: Sequence[PyTree], padded: Mapping[str, int]) -> Flat:
+    """Pack one tree per stage and stack them: {dtype: (K, length)} host arrays."""
+    packed = [layout.pack(tree, padded) for layout, tree in zip(layouts, trees)]
+    return {key: np.stack([np.asarray(p[key]) for p in packed]) for key in padded}
+
+
+def pad_rows(x: jax.Array, width: int, dtype) -> jax.Array:
+    """(b, ...) -> (b, width): flatten each example and zero-pad it to a common message width."""
+    rows = x.reshape(x.shape[0], -1).astype(dtype)
+    return jnp.pad(rows, ((0, 0), (0, width - rows.shape[1])))
+
+
+def unpad_rows(rows: jax.Array, like: jax.ShapeDtypeStruct) -> jax.Array:
+    """Inverse of `pad_rows` for an activation of per-example shape/dtype `like` (batch axis first)."""
+    features = int(np.prod(like.shape[1:], dtype=np.int64))
+    return rows[:, :features].reshape(rows.shape[0], *like.shape[1:]).astype(like.dtype)

@@ -1,0 +1,176 @@
+"""One pipeline stage as pure functions of (params, model_state, input): forward, the last stage's
+loss gradient, and the delayed vector-Jacobian product that stage k < K-1 applies to a returned
+input-gradient. Both engines (mesh and emulator) and the baselines use these."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A flax module used as one stage. If its ``__call__`` takes ``train``, it is passed
+    ``train=True`` while training and ``train=False`` in `predict`; every variable collection other
+    than ``params`` (e.g. ``batch_stats``) is model state, updated by training forwards."""
+
+    module: nn.Module
+
+    @property
+    def takes_train(self) -> bool:
+        return "train" in inspect.signature(self.module.__call__).parameters
+
+    def init(self, rng: jax.Array, x: jax.Array) -> dict:
+        return dict(self.module.init(rng, x, **self._train_kwargs(False)))
+
+    def apply(self, params: PyTree, model_state: dict, x: jax.Array, train: bool) -> tuple[jax.Array, dict]:
+        """Run the stage; returns (output, new model state). Inference leaves the state as it is."""
+        variables = {"params": params, **model_state}
+        if train and model_state:
+            y, new_state = self.module.apply(variables, x, mutable=list(model_state), **self._train_kwargs(True))
+            return y, dict(new_state)
+        return self.module.apply(variables, x, **self._train_kwargs(train)), model_state
+
+    def _train_kwargs(self, train: bool) -> dict:
+        return {"train": train} if self.takes_train else {}
+
+
+def split_variables(variables: dict) -> tuple[PyTree, dict]:
+    """Flax variables -> (params, model state: every other collection)."""
+    variables = dict(variables)
+    params = variables.pop("params", {})
+    return params, variables
+
+
+def join_variables(params: PyTree, model_state: dict) -> dict:
+    return {"params": params, **model_state}
+
+
+def forward(stage: Stage, params: PyTree, model_state: dict, x: jax.Array) -> tuple[jax.Array, dict]:
+    """Training forward of one stage (one replica's shard)."""
+    return stage.apply(params, model_state, x, train=True)
+
+
+def last_stage_grads(
+    stage: Stage, loss_fn: LossFn, params: PyTree, model_state: dict, x: jax.Array, labels: jax.Array,
+    input_grad: bool,
+) -> tuple[jax.Array, dict, PyTree, jax.Array | None]:
+    """The last stage's forward, loss and gradients at once: (loss, new state, dparams, dinput)."""
+
+    def loss_of(p, inputs):
+        logits, new_state = stage.apply(p, model_state, inputs, train=True)
+        return loss_fn(logits, labels), new_state
+
+    if input_grad:
+        (loss, new_state), (d_params, d_input) = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)(params, x)
+        return loss, new_state, d_params, d_input
+    (loss, new_state), d_params = jax.value_and_grad(loss_of, has_aux=True)(params, x)
+    return loss, new_state, d_params, None
+
+
+def delayed_grads(
+    stage: Stage, params: PyTree, model_state: dict, x: jax.Array, output_grad: jax.Array, input_grad: bool
+) -> tuple[PyTree, jax.Array | None]:
+    """Backpropagate `output_grad` through the forward that ran on `x` with `params`, `model_state`
+    (the ones stashed when that forward ran): (dparams, dinput or None)."""
+
+    def out_of(p, inputs):
+        return stage.apply(p, model_state, inputs, train=True)[0]
+
+    if input_grad:
+        _, vjp = jax.vjp(out_of, params, x)
+        return vjp(output_grad)
+    _, vjp = jax.vjp(lambda p: out_of(p, x), params)
+    return vjp(output_grad)[0], None
+
+
+def backprop_grads(
+    stages: Sequence[Stage], loss_fn: LossFn, params: list, model_states: list, x: jax.Array, labels: jax.Array
+) -> tuple[jax.Array, list, list]:
+    """Synchronous backprop through all stages back to back: (loss, new states, dparams per stage)."""
+
+    def loss_of(all_params):
+        h, new_states = x, []
+        for stage, p, s in zip(stages, all_params, model_states):
+            h, new_state = stage.apply(p, s, h, train=True)
+            new_states.append(new_state)
+        return loss_fn(h, labels), new_states
+
+    (loss, new_states), d_params = jax.value_and_grad(loss_of, has_aux=True)(list(params))
+    return loss, new_states, d_params
+
+
+def apply_update(
+    optimizer: optax.GradientTransformation, params: PyTree, opt_state: PyTree, grads: PyTree
+) -> tuple[PyTree, PyTree]:
+    """One optax step on one stage."""
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def select_tree(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
+    """Elementwise `pred ? on_true : on_false` over two pytrees of the same structure."""
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def predict_stages(stages: Sequence[Stage], variables: Sequence[dict], x: jax.Array) -> jax.Array:
+    """Full inference forward through all stages."""
+    h = x
+    for stage, v in zip(stages, variables):
+        params, state = split_variables(v)
+        h, _ = stage.apply(params, state, h, train=False)
+    return h
+
+
+def trace_shapes(
+    stages: Sequence[Stage], variables: Sequence[dict], x: jax.ShapeDtypeStruct
+) -> list[jax.ShapeDtypeStruct]:
+    """Shape of each stage's input and of the final output (K+1 entries), checking that each
+    stage accepts what the previous one gives; a mismatch is a ValueError naming the stage."""
+    shapes = [x]
+    for k, (stage, v) in enumerate(zip(stages, variables)):
+        params, state = split_variables(v)
+        try:
+            out = jax.eval_shape(lambda p, s, h: stage.apply(p, s, h, train=True)[0], params, state, shapes[-1])
+        except Exception as err:  # flax/XLA shape errors come in many types
+            source = "the input batch" if k == 0 else f"stage {k - 1}"
+            raise ValueError(
+                f"stage {k} ({type(stage.module).__name__}) cannot take the output of {source}: "
+                f"got shape {tuple(shapes[-1].shape)} {shapes[-1].dtype}, but {_expected_input(params)}"
+                f" ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            ) from None
+        if not isinstance(out, jax.ShapeDtypeStruct):
+            raise ValueError(f"stage {k} must return one array, got {jax.tree.structure(out)}")
+        shapes.append(out)
+    return shapes
+
+
+def _expected_input(params: PyTree) -> str:
+    """Best-effort description of the input a stage's first layer (in creation order) was built for."""
+    kernel = _first_kernel(params)
+    if kernel is not None and kernel.ndim == 2:
+        return f"its first Dense kernel {tuple(kernel.shape)} expects {kernel.shape[0]} input features"
+    if kernel is not None and kernel.ndim >= 3:
+        return f"its first conv kernel {tuple(kernel.shape)} expects {kernel.shape[-2]} input channels"
+    return "its parameters were built for another input shape"
+
+
+def _first_kernel(tree: PyTree):
+    if not isinstance(tree, dict):
+        return None
+    if "kernel" in tree and hasattr(tree["kernel"], "ndim"):
+        return tree["kernel"]
+    for value in tree.values():
+        found = _first_kernel(value)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,139 @@
+"""`Trainer`: the public entry point. Picks the engine (mesh or emulator, FDBP or BP), builds the
+initial state, and checks inputs so that mistakes surface as one clear ValueError."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from fdbp_jax.baselines import Backprop
+from fdbp_jax.emulator import Emulator
+from fdbp_jax.engine import MeshEngine
+from fdbp_jax.mesh import check_mesh, num_devices
+from fdbp_jax.stages import LossFn, Stage, trace_shapes
+
+ALGORITHMS = ("fdbp", "bp")
+
+
+class Trainer:
+    """Train K stages with fully decoupled backprop ("fdbp") or synchronous backprop ("bp").
+
+    With a mesh, FDBP runs stage k on the devices of mesh column k, replicated over "data"; BP
+    replicates the whole model on every device. With ``mesh=None`` the single-device emulator runs
+    the same algorithm, simulating ``replicas`` data-parallel workers.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        loss_fn: LossFn,
+        optimizer: optax.GradientTransformation,
+        mesh: Mesh | None = None,
+        algorithm: str = "fdbp",
+        shrink: float = 1.0,
+        replicas: int | None = None,
+    ):
+        stages = list(stages)
+        if not stages or not all(isinstance(s, nn.Module) for s in stages):
+            raise ValueError("stages must be a non-empty list of flax.linen Modules, one per pipeline stage")
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm={algorithm!r} is not known: use one of {ALGORITHMS}")
+        if not isinstance(shrink, (int, float)) or not 0.0 < shrink <= 1.0:
+            raise ValueError(f"shrink={shrink!r} must be in (0, 1] (1.0 = no gradient shrinking)")
+        if replicas is not None and (not isinstance(replicas, int) or replicas < 1):
+            raise ValueError(f"replicas={replicas!r} must be a positive integer")
+        self.stages = [Stage(m) for m in stages]
+        self.algorithm = algorithm
+        self.mesh = mesh
+        if mesh is not None:
+            check_mesh(mesh, len(stages) if algorithm == "fdbp" else None)
+            self.replicas = mesh.shape["data"] if algorithm == "fdbp" else num_devices(mesh)
+            if replicas is not None and replicas != self.replicas:
+                raise ValueError(f"replicas={replicas} disagrees with the mesh, which gives {self.replicas}")
+        else:
+            self.replicas = replicas or 1
+        if algorithm == "bp":
+            self.engine: Any = Backprop(self.stages, loss_fn, optimizer, replicas=self.replicas, mesh=mesh)
+        elif mesh is None:
+            self.engine = Emulator(self.stages, loss_fn, optimizer, float(shrink), self.replicas)
+        else:
+            self.engine = MeshEngine(self.stages, loss_fn, optimizer, float(shrink), mesh)
+        self._batch: tuple | None = None
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def init(
+        self, rng: jax.Array, example_x: Any, variables: Sequence[dict] | None = None, example_y: Any = None
+    ):
+        """State at tick 0. `example_x` is one global batch (its size is fixed from now on);
+        `variables` (K flax variable dicts) replaces random init; `example_y` sets the label shape
+        and dtype (default: integer class labels, one per example)."""
+        example_x = jnp.asarray(example_x)
+        example_y = jnp.zeros(example_x.shape[:1], jnp.int32) if example_y is None else jnp.asarray(example_y)
+        self._check_batch(example_x, example_y, "example_x")
+        local = lambda a: jax.ShapeDtypeStruct((a.shape[0] // self.replicas, *a.shape[1:]), a.dtype)
+        if variables is None:
+            variables = self._random_variables(rng, local(example_x))
+        elif len(variables) != self.num_stages:
+            raise ValueError(f"variables has {len(variables)} entries but there are {self.num_stages} stages")
+        shapes = trace_shapes(self.stages, variables, local(example_x))
+        self._check_loss(shapes[-1], local(example_y))
+        self._batch = (example_x.shape, example_x.dtype, example_y.shape, example_y.dtype)
+        return self.engine.init(variables, shapes, local(example_y))
+
+    def step(self, state, x, y) -> tuple[Any, dict]:
+        """One tick: batch (x, y) enters stage 0; returns the new state and {"loss", "tick"}."""
+        if self._batch is None:
+            raise ValueError("call trainer.init(...) before trainer.step(...)")
+        x_shape, x_dtype, y_shape, y_dtype = self._batch
+        if tuple(x.shape) != tuple(x_shape) or tuple(y.shape) != tuple(y_shape):
+            raise ValueError(
+                f"batch shapes x{tuple(x.shape)}, y{tuple(y.shape)} differ from init's x{tuple(x_shape)}, "
+                f"y{tuple(y_shape)}: every tick takes a global batch of the size given to init"
+            )
+        return self.engine.step(state, jnp.asarray(x, x_dtype), jnp.asarray(y, y_dtype))
+
+    def stage_variables(self, state) -> list[dict]:
+        """The K stages' flax variable dicts (same structure as init), as host arrays."""
+        return self.engine.stage_variables(state)
+
+    def predict(self, state, x) -> jax.Array:
+        """Logits of a full forward with the current weights, in inference mode."""
+        return self.engine.predict(state, x)
+
+    def _check_batch(self, x, y, name: str) -> None:
+        if x.ndim < 1 or x.shape[0] < 1:
+            raise ValueError(f"{name} must have a leading batch axis, got shape {tuple(x.shape)}")
+        if x.shape[0] % self.replicas:
+            raise ValueError(
+                f"global batch {x.shape[0]} is not divisible by the data-parallel size {self.replicas}: "
+                f"use a batch that is a multiple of {self.replicas}"
+            )
+        if y.shape[:1] != x.shape[:1]:
+            raise ValueError(f"labels have batch {y.shape[:1]} but inputs have {x.shape[:1]}")
+
+    def _random_variables(self, rng: jax.Array, x: jax.ShapeDtypeStruct) -> list[dict]:
+        variables, h = [], x
+        for k, (stage, key) in enumerate(zip(self.stages, jax.random.split(rng, self.num_stages))):
+            try:
+                v = jax.jit(stage.init)(key, jnp.zeros(h.shape, h.dtype))
+            except Exception as err:
+                raise ValueError(
+                    f"stage {k} ({type(stage.module).__name__}) cannot be initialised on input shape "
+                    f"{tuple(h.shape)} {h.dtype}: {type(err).__name__}: {str(err).splitlines()[0]}"
+                ) from None
+            variables.append(v)
+            h = trace_shapes([stage], [v], h)[-1]
+        return variables
+
+    def _check_loss(self, logits: jax.ShapeDtypeStruct, labels: jax.ShapeDtypeStruct) -> None:
+        out = jax.eval_shape(self.engine.loss_fn, logits, labels)
+        if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
+            raise ValueError(f"loss_fn(logits, labels) must return a scalar, got {out}")

@@ -1,0 +1,65 @@
+"""The mesh engine against the single-device emulator, on the same initial variables and batches."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+import toy
+
+import fdbp_jax as fj
+
+OPTIMIZERS = {"sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9), "adam": lambda: optax.adam(1e-3)}
+
+
+def mesh_and_emulator(num_stages, data, optimizer, shrink, batch_norm=False, ticks=None):
+    ticks = ticks or 3 * num_stages + 2
+    xs, ys = toy.batches(ticks)
+    stages = toy.conv_stages(num_stages, batch_norm)
+    emulator = fj.Trainer(stages, toy.cross_entropy, OPTIMIZERS[optimizer](), shrink=shrink, replicas=data)
+    state = emulator.init(jax.random.key(1), xs[0])
+    initial = emulator.stage_variables(state)
+    engine = fj.Trainer(stages, toy.cross_entropy, OPTIMIZERS[optimizer](), mesh=fj.make_mesh(data, num_stages), shrink=shrink)
+    mesh_state = engine.init(jax.random.key(99), xs[0], variables=initial)
+    state, emulator_losses = toy.run(emulator, state, xs, ys)
+    mesh_state, mesh_losses = toy.run(engine, mesh_state, xs, ys)
+    return (emulator, state, emulator_losses), (engine, mesh_state, mesh_losses), initial, xs
+
+
+@pytest.mark.parametrize("num_stages", [1, 2, 4])
+@pytest.mark.parametrize("data", [1, 2])
+@pytest.mark.parametrize("optimizer,shrink", [("sgd_momentum", 1.0), ("adam", 0.5)])
+def test_mesh_engine_matches_emulator(num_stages, data, optimizer, shrink):
+    (emulator, state, emu_losses), (engine, mesh_state, mesh_losses), initial, xs = mesh_and_emulator(
+        num_stages, data, optimizer, shrink
+    )
+    expected, got = emulator.stage_variables(state), engine.stage_variables(mesh_state)
+    assert jax.tree.structure(expected) == jax.tree.structure(got) == jax.tree.structure(initial)
+    assert toy.max_relative_error(expected, initial) > 1e-3, "training did not move the weights"
+    assert toy.max_relative_error(expected, got) <= 1e-5
+    np.testing.assert_allclose(mesh_losses, emu_losses, rtol=1e-5)
+    assert np.isnan(emu_losses[: num_stages - 1]).all() and np.isfinite(emu_losses[num_stages - 1 :]).all()
+    np.testing.assert_allclose(engine.predict(mesh_state, xs[0]), emulator.predict(state, xs[0]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_stages", [2, 4])
+def test_batch_norm_stages_match_emulator(num_stages):
+    (emulator, state, emu_losses), (engine, mesh_state, mesh_losses), initial, xs = mesh_and_emulator(
+        num_stages, 2, "sgd_momentum", 1.0, batch_norm=True
+    )
+    expected, got = emulator.stage_variables(state), engine.stage_variables(mesh_state)
+    assert "batch_stats" in expected[0]
+    assert toy.max_relative_error(expected[0]["batch_stats"], initial[0]["batch_stats"]) > 1e-3
+    assert toy.max_relative_error(expected, got) <= 1e-5
+    np.testing.assert_allclose(mesh_losses, emu_losses, rtol=1e-5)
+    np.testing.assert_allclose(engine.predict(mesh_state, xs[1]), emulator.predict(state, xs[1]), rtol=1e-4, atol=1e-5)
+
+
+def test_stage_parameters_live_only_on_their_stage_devices():
+    xs, _ = toy.batches(1)
+    mesh = fj.make_mesh(2, 4)
+    trainer = fj.Trainer(toy.conv_stages(4), toy.cross_entropy, optax.sgd(0.1), mesh=mesh)
+    state = trainer.init(jax.random.key(0), xs[0])
+    for leaf in jax.tree.leaves(state.params):
+        for shard in leaf.addressable_shards:
+            stage = list(mesh.devices.flat).index(shard.device) % 4
+            assert shard.data.shape[0] == 1 and shard.index[0] == slice(stage, stage + 1)
