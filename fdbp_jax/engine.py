@@ -141,7 +141,7 @@ class MeshEngine:
         self._step = jax.jit(
             jax.shard_map(
                 self._local_tick, mesh=self.mesh, in_specs=(specs, P("data"), P("data")),
-                out_specs=(specs, STAGE), check_vma=False,
+                out_specs=(specs, STAGE, P()), check_vma=False,
             ),
             donate_argnums=0,
         )
@@ -175,8 +175,7 @@ class MeshEngine:
     def step(self, state: EngineState, x, y):
         x = jax.device_put(x, NamedSharding(self.mesh, P("data")))
         y = jax.device_put(y, NamedSharding(self.mesh, P("data")))
-        tick = state.tick
-        state, losses = self._step(state, x, y)
+        state, losses, tick = self._step(state, x, y)
         return state, {"loss": losses[-1], "tick": tick}
 
     def stage_variables(self, state: EngineState) -> list[dict]:
@@ -246,7 +245,7 @@ class MeshEngine:
         # every per-stage leaf gets back its leading (local size 1) "stage" axis
         new_state = jax.tree.map(lambda a: a[None], new_state.replace(tick=None)).replace(tick=t + 1)
         loss = jnp.where((stage_index == K - 1) & (t >= K - 1), loss, jnp.nan)
-        return new_state, loss[None]
+        return new_state, loss[None], t
 
     def _stage_work(self, k, params, model_state, x, y, act_in, labels_in, grad_in, used_input, used_params, used_state):
         """Stage k's forward and its gradient this tick (one replica); outputs padded to common shapes."""
