@@ -4,7 +4,8 @@ One jitted tick runs a `shard_map` in which every device executes only its own s
 (`lax.switch` on the stage index). Each stage's parameters, optimizer state and model state are
 packed into padded flat vectors so that all stage devices hold same-shaped blocks (`flat.py`).
 Activations (with their labels) move to stage k+1 and input-gradients to stage k-1 by
-`ppermute` along "stage"; parameter gradients are averaged by `pmean` along "data". The stash of
+`ppermute` along "stage"; parameter gradients are averaged by `pmean` along "data" (on CPU the
+branches are re-traced with canonical convolutions, see `canonical_conv.py`). The stash of
 in-flight forwards (inputs and the weights they used) stays on device, so the exact delayed
 gradient is recomputed from them when the gradient returns. The schedule is `emulator.py`'s.
 """
@@ -24,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fdbp_jax import schedule
+from fdbp_jax.canonical_conv import canonical_convolutions
 from fdbp_jax.flat import FlatLayout, pad_rows, padded_sizes, stack_packed, unpad_rows
 from fdbp_jax.stages import (
     LossFn,
@@ -211,9 +213,12 @@ class MeshEngine:
         slot = t % table(schedule.stash_depth)
         back_slot = (t - table(schedule.stage_delay)) % table(schedule.stash_depth)
         row = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
+        work = [partial(self._stage_work, k) for k in range(K)]
+        if self.mesh.devices.flat[0].platform == "cpu":
+            work = [canonical_convolutions(branch) for branch in work]
         act_out, labels_out, grad_out, stash_entry, grads, fwd_state, loss = jax.lax.switch(
             stage_index,
-            [partial(self._stage_work, k) for k in range(K)],
+            work,
             params, model_state, x, y, state.act_msg[0, 0], state.label_msg[0, 0], state.grad_msg[0, 0],
             stash_inputs[back_slot], row(stash_params, back_slot), row(stash_state, back_slot),
         )

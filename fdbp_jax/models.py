@@ -1,0 +1,86 @@
+"""Models as flat sequences of blocks (stem, residual blocks, head), so they can be cut into K
+contiguous stages: CIFAR ResNet-20/32/44/56/110 (He et al. 2016) and a small fast CNN."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+RESNET_DEPTHS = (20, 32, 44, 56, 110)
+MODELS = tuple(f"resnet{d}" for d in RESNET_DEPTHS) + ("cnn",)
+
+
+class ConvBN(nn.Module):
+    """3x3 conv, BatchNorm, ReLU."""
+
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(self.features, (3, 3), strides=self.strides, use_bias=False)(x)
+        return nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with an identity shortcut; on downsampling the shortcut subsamples and
+    zero-pads channels (He et al.'s option A for CIFAR, no extra parameters)."""
+
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        y = ConvBN(self.features, self.strides)(x, train)
+        y = nn.Conv(self.features, (3, 3), use_bias=False)(y)
+        y = nn.BatchNorm(use_running_average=not train, momentum=0.9, scale_init=nn.initializers.zeros)(y)
+        shortcut = x
+        if self.strides != 1 or x.shape[-1] != self.features:
+            shortcut = x[:, :: self.strides, :: self.strides]
+            extra = self.features - x.shape[-1]
+            shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+        return nn.relu(y + shortcut)
+
+
+class Head(nn.Module):
+    """Global average pool and the classifier."""
+
+    classes: int = 10
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.classes)(jnp.mean(x, axis=(1, 2)))
+
+
+class Blocks(nn.Module):
+    """A contiguous run of blocks: one pipeline stage."""
+
+    blocks: Sequence[nn.Module]
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for block in self.blocks:
+            x = block(x, train) if not isinstance(block, Head) else block(x)
+        return x
+
+
+def model_blocks(name: str, classes: int = 10) -> list[nn.Module]:
+    """The flat block sequence of a model."""
+    if name == "cnn":
+        widths = [(16, 1), (32, 2), (32, 1), (64, 2), (64, 1)]
+        return [ConvBN(w, s) for w, s in widths] + [Head(classes)]
+    if name.startswith("resnet") and name[6:].isdigit() and int(name[6:]) in RESNET_DEPTHS:
+        per_group = (int(name[6:]) - 2) // 6
+        blocks: list[nn.Module] = [ConvBN(16)]
+        for group, width in enumerate((16, 32, 64)):
+            blocks += [BasicBlock(width, 2 if group > 0 and i == 0 else 1) for i in range(per_group)]
+        return blocks + [Head(classes)]
+    raise ValueError(f"unknown model {name!r}: use one of {', '.join(MODELS)}")
+
+
+def split_model(blocks: Sequence[nn.Module], boundaries: Sequence[int]) -> list[nn.Module]:
+    """Cut blocks into stages at `boundaries` (indices where stages 1..K-1 start)."""
+    edges = [0, *boundaries, len(blocks)]
+    return [Blocks(tuple(blocks[a:b])) for a, b in zip(edges[:-1], edges[1:])]

@@ -1,0 +1,96 @@
+"""Cut a block sequence into K contiguous stages that minimise the largest stage cost
+(exact dynamic programme), with block costs from XLA's cost analysis of forward + backward."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fdbp_jax.stages import Stage
+
+
+def block_costs(blocks: Sequence[nn.Module], example: jax.ShapeDtypeStruct) -> tuple[list[float], list[int]]:
+    """FLOPs of each block's forward + backward on `example`'s batch, and each block's parameter count."""
+    costs, params, h = [], [], example
+    for block in blocks:
+        stage = Stage(block)
+        variables = jax.eval_shape(stage.init, jax.random.key(0), h)
+        state = {name: value for name, value in variables.items() if name != "params"}
+
+        def forward_backward(p, s, x):
+            out, vjp = jax.vjp(lambda p_, x_: stage.apply(p_, s, x_, train=True)[0], p, x)
+            return vjp(jnp.ones_like(out))
+
+        analysis = jax.jit(forward_backward).lower(variables["params"], state, h).compile().cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+        costs.append(float(analysis.get("flops", 0.0)))
+        params.append(sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(variables["params"])))
+        h = jax.eval_shape(lambda p, s, x: stage.apply(p, s, x, train=True)[0], variables["params"], state, h)
+    return costs, params
+
+
+def linear_partition(costs: Sequence[float], num_stages: int) -> list[int]:
+    """Boundaries (start index of stages 1..K-1) minimising the maximum stage sum; exact, O(K n^2)."""
+    n = len(costs)
+    if not 1 <= num_stages <= n:
+        raise ValueError(f"cannot cut {n} blocks into {num_stages} non-empty stages: use 1 <= K <= {n}")
+    prefix = np.concatenate([[0.0], np.cumsum(costs)])
+    span = lambda a, b: prefix[b] - prefix[a]  # cost of blocks a..b-1
+    # best[j][i]: smallest max-stage cost of the first i blocks in j stages; cut[j][i]: where the last starts
+    best = np.full((num_stages + 1, n + 1), np.inf)
+    cut = np.zeros((num_stages + 1, n + 1), dtype=int)
+    best[0][0] = 0.0
+    for j in range(1, num_stages + 1):
+        for i in range(j, n + 1):
+            for start in range(j - 1, i):
+                candidate = max(best[j - 1][start], span(start, i))
+                if candidate < best[j][i]:
+                    best[j][i], cut[j][i] = candidate, start
+    boundaries, i = [], n
+    for j in range(num_stages, 0, -1):
+        i = cut[j][i]
+        boundaries.append(i)
+    return sorted(int(b) for b in boundaries)[1:]
+
+
+def stage_costs(costs: Sequence[float], boundaries: Sequence[int]) -> list[float]:
+    edges = [0, *boundaries, len(costs)]
+    return [float(sum(costs[a:b])) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def balance(costs: Sequence[float], boundaries: Sequence[int]) -> float:
+    """Mean stage cost / max stage cost: 1.0 is a perfect split."""
+    per_stage = stage_costs(costs, boundaries)
+    return float(np.mean(per_stage) / max(per_stage))
+
+
+def check_boundaries(boundaries: Sequence[int], num_blocks: int, num_stages: int) -> None:
+    """ValueError unless `boundaries` are K-1 strictly increasing indices inside (0, num_blocks)."""
+    b = list(boundaries)
+    if len(b) != num_stages - 1:
+        raise ValueError(f"--boundaries needs K-1 = {num_stages - 1} values for K={num_stages}, got {len(b)}: {b}")
+    if any(x >= y for x, y in zip([0, *b], [*b, num_blocks])):
+        raise ValueError(
+            f"--boundaries {','.join(map(str, b))} must be strictly increasing block indices between 1 and "
+            f"{num_blocks - 1} (the model has {num_blocks} blocks)"
+        )
+
+
+def describe_split(
+    blocks: Sequence[nn.Module], boundaries: Sequence[int], costs: Sequence[float], params: Sequence[int]
+) -> str:
+    """A table: each stage's blocks, parameter count and share of FLOPs, and the balance."""
+    edges = [0, *boundaries, len(blocks)]
+    total = sum(costs)
+    lines = [f"{'stage':>5}  {'blocks':<10} {'params':>10} {'FLOPs %':>8}  first .. last block"]
+    for k, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
+        names = f"{type(blocks[a]).__name__} .. {type(blocks[b - 1]).__name__}"
+        lines.append(
+            f"{k:>5}  {f'{a}-{b - 1}':<10} {sum(params[a:b]):>10,} {100 * sum(costs[a:b]) / total:>7.1f}%  {names}"
+        )
+    lines.append(f"balance (mean/max stage FLOPs): {balance(costs, boundaries):.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,288 @@
+"""Train a CIFAR model with FDBP or BP on a (data, stage) mesh: `fdbp-train` / `python -m fdbp_jax.train`.
+
+`train_and_evaluate` is the whole job (data, split, engine, loop, eval, checkpoints, metrics);
+`main` is its command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from fdbp_jax import data as data_lib
+from fdbp_jax.checkpoint import Checkpoints
+from fdbp_jax.config import PRESETS, RESUMABLE_CHANGES, Config, validate
+from fdbp_jax.mesh import make_mesh
+from fdbp_jax.models import model_blocks, split_model
+from fdbp_jax.partition import block_costs, describe_split, linear_partition
+from fdbp_jax.trainer import Trainer
+
+IMAGE_SHAPE = (32, 32, 3)
+RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json")
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def lr_schedule(config: Config, ticks_per_epoch: int) -> optax.Schedule:
+    """Linear warm-up, then constant, step (/10 at `step_epochs`) or cosine decay, in updates."""
+    total = max(1, config.epochs * ticks_per_epoch)
+    warmup = min(total - 1, int(round(config.warmup_epochs * ticks_per_epoch)))
+    if config.schedule == "constant":
+        main = optax.constant_schedule(config.lr)
+    elif config.schedule == "cosine":
+        main = optax.cosine_decay_schedule(config.lr, total - warmup)
+    else:
+        epochs = config.step_epochs or (config.epochs // 2, (3 * config.epochs) // 4)
+        main = optax.piecewise_constant_schedule(
+            config.lr, {max(1, int(e * ticks_per_epoch) - warmup): 0.1 for e in epochs}
+        )
+    if warmup <= 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(config.lr / warmup, config.lr, warmup), main], [warmup])
+
+
+def make_optimizer(config: Config, ticks_per_epoch: int) -> optax.GradientTransformation:
+    """SGD with (PyTorch-style, coupled) weight decay, momentum and the schedule; one per stage."""
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(lr_schedule(config, ticks_per_epoch), momentum=config.momentum or None),
+    )
+
+
+def choose_boundaries(config: Config, blocks: Sequence, local_batch: int) -> tuple[list[int], list[float], list[int]]:
+    """The configured boundaries, or the cost-balanced ones; with each block's FLOPs and params."""
+    example = jax.ShapeDtypeStruct((local_batch, *IMAGE_SHAPE), np.float32)
+    costs, params = block_costs(blocks, example)
+    boundaries = list(config.boundaries) if config.boundaries is not None else linear_partition(costs, config.stages)
+    return boundaries, costs, params
+
+
+def prepare_workdir(workdir: str, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder; check it is writable before any training."""
+    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(workdir, name))]
+    if existing and not resume and not overwrite:
+        raise ValueError(
+            f"--workdir {workdir} already holds a run ({', '.join(existing)}): pass --resume to continue it "
+            "or --overwrite to replace it"
+        )
+    if overwrite and not resume:
+        for name in existing:
+            path = os.path.join(workdir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"--workdir {workdir} is not writable ({err.strerror}): choose another folder") from None
+
+
+def config_differences(saved: dict, config: Config) -> list[str]:
+    now = config.to_json()
+    return [
+        f"{key} {saved.get(key)!r} (checkpoint) vs {now[key]!r} (now)"
+        for key in now
+        if key not in RESUMABLE_CHANGES and saved.get(key) != now[key]
+    ]
+
+
+def evaluate(trainer: Trainer, state, dataset: data_lib.ArrayDataset, batch_size: int) -> float:
+    """Top-1 accuracy with the current weights, in inference mode."""
+    correct = 0
+    for x, y in data_lib.eval_batches(dataset, batch_size):
+        correct += int(np.sum(np.argmax(np.asarray(trainer.predict(state, x)), axis=-1) == y))
+    return correct / len(dataset)
+
+
+def load_datasets(config: Config) -> tuple[data_lib.ArrayDataset, data_lib.ArrayDataset]:
+    return (
+        data_lib.load_tfds(config.dataset, "train", config.train_examples),
+        data_lib.load_tfds(config.dataset, "test", config.eval_examples),
+    )
+
+
+def train_and_evaluate(
+    config: Config,
+    workdir: str,
+    resume: bool = False,
+    overwrite: bool = False,
+    datasets: tuple[data_lib.ArrayDataset, data_lib.ArrayDataset] | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Train `config` in `workdir` (checkpoint every epoch, metrics.jsonl, summary.json); returns the summary."""
+    blocks = model_blocks(config.model)
+    validate(config, len(blocks))
+    prepare_workdir(workdir, resume, overwrite)
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    start_epoch, history, previous_wall = 0, [], 0.0
+    if resume:
+        step = checkpoints.latest_step()
+        if step is None:
+            raise ValueError(f"--resume: no checkpoint in {workdir}/checkpoints; start without --resume")
+        differences = config_differences(checkpoints.read_meta(step)["config"], config)
+        if differences:
+            raise ValueError(f"--resume: the checkpoint in {workdir} was made with other settings: " + "; ".join(differences))
+    mesh = make_mesh(config.data_parallel, config.stages)
+    train_data, eval_data = datasets or load_datasets(config)
+    if len(train_data) < config.batch_size:
+        raise ValueError(f"--batch-size {config.batch_size}: larger than the {len(train_data)} training examples")
+    ticks = data_lib.ticks_per_epoch(len(train_data), config.batch_size)
+    boundaries, _, _ = choose_boundaries(config, blocks, config.batch_size // config.data_parallel)
+    trainer = Trainer(
+        split_model(blocks, boundaries), cross_entropy, make_optimizer(config, ticks), mesh=mesh,
+        algorithm=config.algorithm, shrink=config.shrink,
+    )
+    state = trainer.init(jax.random.key(config.seed), np.zeros((config.batch_size, *IMAGE_SHAPE), np.float32))
+    if resume:
+        state, meta = checkpoints.restore(checkpoints.latest_step(), state)
+        start_epoch, history, previous_wall = meta["epoch"], meta["history"], meta["wall_time_s"]
+    started, train_seconds, train_images = time.time(), 0.0, 0
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as log:
+        write = lambda event: log.write(json.dumps(event) + "\n") or log.flush()
+        for epoch in range(start_epoch, config.epochs):
+            order = data_lib.epoch_order(len(train_data), config.seed, epoch)
+            losses, epoch_start = [], time.time()
+            bar = tqdm(range(ticks), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show_progress, leave=False)
+            for index in bar:
+                x, y = data_lib.train_batch(train_data, order, config.seed, epoch, index, config.batch_size)
+                state, metrics = trainer.step(state, x, y)
+                losses.append(metrics["loss"])
+                if (index + 1) % config.log_every == 0 or index + 1 == ticks:
+                    recent = np.asarray(jax.device_get(losses[-config.log_every :]), np.float64)
+                    rate = (index + 1) * config.batch_size / (time.time() - epoch_start)
+                    loss = float(np.nanmean(recent)) if np.isfinite(recent).any() else None
+                    write({"event": "train", "epoch": epoch + 1, "tick": epoch * ticks + index + 1,
+                           "loss": loss, "images_per_s": rate})
+                    bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "warm-up", img_s=f"{rate:.0f}")
+            epoch_seconds = time.time() - epoch_start
+            train_seconds, train_images = train_seconds + epoch_seconds, train_images + ticks * config.batch_size
+            epoch_losses = np.asarray(jax.device_get(losses), np.float64)
+            accuracy = evaluate(trainer, state, eval_data, config.eval_batch_size)
+            history.append({
+                "epoch": epoch + 1, "tick": (epoch + 1) * ticks, "test_accuracy": accuracy,
+                "train_loss": float(np.nanmean(epoch_losses)) if np.isfinite(epoch_losses).any() else None,
+                "images_per_s": ticks * config.batch_size / epoch_seconds,
+                "wall_time_s": previous_wall + time.time() - started,
+            })
+            write({"event": "eval", **history[-1]})
+            print(f"epoch {epoch + 1}/{config.epochs}: train loss {history[-1]['train_loss']}, "
+                  f"test accuracy {accuracy:.4f}, {history[-1]['images_per_s']:.0f} images/s", flush=True)
+            checkpoints.save(epoch + 1, state, {
+                "epoch": epoch + 1, "tick": (epoch + 1) * ticks, "config": config.to_json(), "history": history,
+                "wall_time_s": previous_wall + time.time() - started,
+            })
+    checkpoints.close()
+    summary = {
+        "test_accuracy": history[-1]["test_accuracy"] if history else None,
+        "best_test_accuracy": max((h["test_accuracy"] for h in history), default=None),
+        "final_train_loss": history[-1]["train_loss"] if history else None,
+        "wall_time_s": previous_wall + time.time() - started,
+        "images_per_s": train_images / train_seconds if train_seconds else None,
+        "epochs_completed": len(history),
+        "ticks_per_epoch": ticks,
+        "boundaries": boundaries,
+        "history": history,
+        "config": config.to_json(),
+        "jax_version": jax.__version__,
+        "devices": [str(d) for d in mesh.devices.flat],
+        "platform": jax.default_backend(),
+    }
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fdbp-train", description=__doc__.splitlines()[0])
+    add = p.add_argument
+    add("--preset", choices=sorted(PRESETS), help="start from a preset; other flags override it")
+    add("--model", help="resnet20|resnet32|resnet44|resnet56|resnet110|cnn")
+    add("--dataset", help="cifar10")
+    add("--stages", type=int, help="K, pipeline stages")
+    add("--data-parallel", type=int, help="N, data-parallel replicas per stage")
+    add("--algorithm", help="fdbp (fully decoupled) or bp (synchronous backprop)")
+    add("--shrink", type=float, help="gradient shrinking factor beta in (0, 1]")
+    add("--epochs", type=int)
+    add("--batch-size", type=int, help="global batch per tick")
+    add("--lr", type=float)
+    add("--momentum", type=float)
+    add("--weight-decay", type=float)
+    add("--schedule", help="constant|step|cosine")
+    add("--step-epochs", type=lambda s: tuple(int(v) for v in s.split(",") if v), help="e.g. 150,225,275")
+    add("--warmup-epochs", type=float)
+    add("--seed", type=int)
+    add("--train-examples", type=int)
+    add("--eval-examples", type=int)
+    add("--boundaries", type=lambda s: tuple(int(v) for v in s.split(",") if v), help="e.g. 10,19,28")
+    add("--eval-batch-size", type=int)
+    add("--log-every", type=int)
+    add("--workdir", default="runs/latest")
+    add("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
+    add("--overwrite", action="store_true", help="replace a run already in --workdir")
+    add("--show-split", action="store_true", help="print the stage split and exit")
+    add("--no-progress", action="store_true")
+    add("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    values = dict(PRESETS.get(args.preset, {}))
+    for field in dataclasses.fields(Config):
+        given = getattr(args, field.name, None)
+        if given is not None:
+            values[field.name] = given
+    return Config(**values)
+
+
+def simulate_devices(count: int) -> None:
+    """Ask JAX for `count` CPU devices; it must run before any JAX computation starts the backend."""
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:
+        pass  # backend already running: make_mesh reports a shortage
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+        devices = max(1, config.stages) * max(1, config.data_parallel)
+        simulate_devices(devices)
+        if jax.default_backend() == "cpu" and devices > 1 and not args.show_split:
+            print(f"fdbp-train: no accelerator, simulating {devices} CPU devices (data={config.data_parallel} x "
+                  f"stage={config.stages}) on {os.cpu_count()} cores", flush=True)
+        if args.show_split:
+            blocks = model_blocks(config.model)
+            validate(config, len(blocks))
+            boundaries, costs, params = choose_boundaries(config, blocks, config.batch_size // config.data_parallel)
+            print(describe_split(blocks, boundaries, costs, params))
+            return 0
+        summary = train_and_evaluate(config, args.workdir, args.resume, args.overwrite, show_progress=not args.no_progress)
+    except (ValueError, data_lib.DatasetUnavailable) as err:
+        if args.debug:
+            raise
+        print(f"fdbp-train: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: summary[k] for k in ("test_accuracy", "best_test_accuracy", "final_train_loss",
+                                              "wall_time_s", "images_per_s")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
