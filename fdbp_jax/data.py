@@ -28,7 +28,9 @@ class ArrayDataset:
         return len(self.labels)
 
 
-def load_tfds(name: str, split: str, examples: int | None = None, data_dir: str | None = None) -> ArrayDataset:
+def load_tfds(
+    name: str, split: str, examples: int | None = None, data_dir: str | None = None, download: bool = True
+) -> ArrayDataset:
     """Read `split` of a TFDS image dataset into memory (first `examples` only, if given).
 
     Honours TFDS_DATA_DIR (or `data_dir`); downloads and prepares it where the internet is reachable.
@@ -40,6 +42,8 @@ def load_tfds(name: str, split: str, examples: int | None = None, data_dir: str 
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
         try:
+            if not download:
+                raise FileNotFoundError("download=False")
             builder.download_and_prepare(file_format="array_record")
         except Exception as err:
             where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets (TFDS_DATA_DIR is unset)"

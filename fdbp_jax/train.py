@@ -31,6 +31,15 @@ IMAGE_SHAPE = (32, 32, 3)
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json")
 
 
+@dataclasses.dataclass
+class RunResult:
+    """What a finished run leaves in memory: its summary, and the trainer and state to inspect."""
+
+    summary: dict
+    trainer: Trainer
+    state: object
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
@@ -122,8 +131,8 @@ def train_and_evaluate(
     overwrite: bool = False,
     datasets: tuple[data_lib.ArrayDataset, data_lib.ArrayDataset] | None = None,
     show_progress: bool = True,
-) -> dict:
-    """Train `config` in `workdir` (checkpoint every epoch, metrics.jsonl, summary.json); returns the summary."""
+) -> RunResult:
+    """Train `config` in `workdir` (checkpoint every epoch, metrics.jsonl, summary.json)."""
     blocks = model_blocks(config.model)
     validate(config, len(blocks))
     prepare_workdir(workdir, resume, overwrite)
@@ -203,7 +212,7 @@ def train_and_evaluate(
     }
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    return summary
+    return RunResult(summary, trainer, state)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,7 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             boundaries, costs, params = choose_boundaries(config, blocks, config.batch_size // config.data_parallel)
             print(describe_split(blocks, boundaries, costs, params))
             return 0
-        summary = train_and_evaluate(config, args.workdir, args.resume, args.overwrite, show_progress=not args.no_progress)
+        summary = train_and_evaluate(
+            config, args.workdir, args.resume, args.overwrite, show_progress=not args.no_progress
+        ).summary
     except (ValueError, data_lib.DatasetUnavailable) as err:
         if args.debug:
             raise

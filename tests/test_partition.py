@@ -1,0 +1,71 @@
+"""The stage partitioner is optimal (against brute force) and the models split as documented."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fdbp_jax import models, partition
+
+
+def brute_force(costs, k):
+    best = None
+    for cut in itertools.combinations(range(1, len(costs)), k - 1):
+        worst = max(partition.stage_costs(costs, cut))
+        best = worst if best is None else min(best, worst)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_linear_partition_is_optimal(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 10))
+    k = int(rng.integers(1, n + 1))
+    costs = list(rng.exponential(size=n))
+    cut = partition.linear_partition(costs, k)
+    assert len(cut) == k - 1 and cut == sorted(cut) and all(0 < c < n for c in cut)
+    assert max(partition.stage_costs(costs, cut)) == pytest.approx(brute_force(costs, k))
+
+
+def test_partition_rejects_impossible_requests():
+    with pytest.raises(ValueError, match="cannot cut 3 blocks into 4 non-empty stages"):
+        partition.linear_partition([1, 2, 3], 4)
+    with pytest.raises(ValueError, match="must be strictly increasing"):
+        partition.check_boundaries([5, 3, 8], 11, 4)
+    with pytest.raises(ValueError, match="needs K-1 = 3 values for K=4, got 2"):
+        partition.check_boundaries([3, 5], 11, 4)
+
+
+def test_balance():
+    assert partition.balance([1, 1, 1, 1], [1, 2, 3]) == 1.0
+    assert partition.balance([3, 1], [1]) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("name,blocks,params", [("resnet20", 11, 269_722), ("resnet56", 29, 853_018), ("cnn", 6, 70_618)])
+def test_model_blocks_and_parameter_counts(name, blocks, params):
+    sequence = models.model_blocks(name)
+    assert len(sequence) == blocks
+    stages = models.split_model(sequence, [1, blocks - 1])
+    x = jnp.zeros((2, 32, 32, 3))
+    total, h = 0, x
+    for stage in stages:
+        variables = stage.init(jax.random.key(0), h)
+        total += sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
+        h = stage.apply(variables, h)
+    assert total == params and h.shape == (2, 10)
+
+
+def test_cost_balanced_split_of_resnet20():
+    blocks = models.model_blocks("resnet20")
+    costs, params = partition.block_costs(blocks, jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.float32))
+    assert all(c > 0 for c in costs) and params[-1] == 64 * 10 + 10
+    cut = partition.linear_partition(costs, 4)
+    assert partition.balance(costs, cut) >= 0.85
+    assert "balance (mean/max stage FLOPs)" in partition.describe_split(blocks, cut, costs, params)
+
+
+def test_unknown_model():
+    with pytest.raises(ValueError, match="unknown model 'vgg'"):
+        models.model_blocks("vgg")

@@ -1,0 +1,98 @@
+"""The training system end to end on tiny data: CLI files, resume equality, presets and schedules."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from fdbp_jax import data as data_lib
+from fdbp_jax import train
+from fdbp_jax.config import PRESETS, Config
+
+
+def tiny_cifar(n: int, seed: int) -> data_lib.ArrayDataset:
+    rng = np.random.default_rng(seed)
+    return data_lib.ArrayDataset(
+        rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, size=n).astype(np.int32)
+    )
+
+
+TINY = dict(model="cnn", stages=2, data_parallel=2, batch_size=16, lr=0.05, schedule="constant", log_every=2,
+            eval_batch_size=16)
+
+
+def test_cli_end_to_end_on_mock_tfds(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    with tfds.testing.mock_data(num_examples=48):
+        code = train.main([
+            "--model", "cnn", "--stages", "2", "--data-parallel", "2", "--epochs", "2", "--batch-size", "16",
+            "--train-examples", "32", "--eval-examples", "20", "--eval-batch-size", "8", "--log-every", "1",
+            "--workdir", workdir, "--no-progress",
+        ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and json.loads(printed.strip().splitlines()[-1])["test_accuracy"] is not None
+    events = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert {e["event"] for e in events} == {"train", "eval"}
+    assert all("epoch" in e and "tick" in e for e in events)
+    assert [e["tick"] for e in events if e["event"] == "train"] == [1, 2, 3, 4]
+    assert events[0]["loss"] is None  # K=2: the first tick is warm-up, no loss yet
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    for key in ("test_accuracy", "best_test_accuracy", "final_train_loss", "wall_time_s", "images_per_s",
+                "config", "jax_version", "devices"):
+        assert summary[key] is not None, key
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and len(summary["devices"]) == 4
+    assert summary["config"]["stages"] == 2 and summary["config"]["train_examples"] == 32
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
+
+
+@pytest.mark.parametrize("algorithm", ["fdbp", "bp"])
+def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path, algorithm):
+    datasets = (tiny_cifar(48, 0), tiny_cifar(16, 1))
+    config = Config(**TINY, epochs=2, algorithm=algorithm)
+    whole = train.train_and_evaluate(config, str(tmp_path / "whole"), datasets=datasets, show_progress=False)
+    first = Config(**TINY, epochs=1, algorithm=algorithm)
+    train.train_and_evaluate(first, str(tmp_path / "split"), datasets=datasets, show_progress=False)
+    resumed = train.train_and_evaluate(config, str(tmp_path / "split"), resume=True, datasets=datasets, show_progress=False)
+    expected = whole.trainer.stage_variables(whole.state)
+    got = resumed.trainer.stage_variables(resumed.state)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [h["epoch"] for h in resumed.summary["history"]] == [1, 2]
+    assert resumed.summary["history"] == [
+        {**h, "images_per_s": r["images_per_s"], "wall_time_s": r["wall_time_s"]}
+        for h, r in zip(whole.summary["history"], resumed.summary["history"])
+    ]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    datasets = (tiny_cifar(32, 0), tiny_cifar(16, 1))
+    train.train_and_evaluate(Config(**TINY, epochs=1), str(tmp_path), datasets=datasets, show_progress=False)
+    with pytest.raises(ValueError, match=r"other settings: lr 0.05 \(checkpoint\) vs 0.1 \(now\)"):
+        train.train_and_evaluate(Config(**{**TINY, "lr": 0.1}, epochs=2), str(tmp_path), resume=True,
+                                 datasets=datasets, show_progress=False)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train.train_and_evaluate(Config(**TINY, epochs=1), str(tmp_path), datasets=datasets, show_progress=False)
+
+
+def test_show_split_prints_stages(capsys):
+    assert train.main(["--model", "resnet20", "--stages", "4", "--show-split"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("BasicBlock") >= 4 and "balance (mean/max stage FLOPs)" in out
+
+
+def test_presets_are_valid_configs():
+    assert PRESETS["paper"]["model"] == "resnet56" and PRESETS["paper"]["step_epochs"] == (150, 225, 275)
+    for values in PRESETS.values():
+        Config(**values)
+
+
+def test_step_schedule_divides_by_ten_at_the_given_epochs():
+    schedule = train.lr_schedule(Config(lr=0.1, schedule="step", epochs=4, step_epochs=(2, 3)), ticks_per_epoch=10)
+    np.testing.assert_allclose([schedule(i) for i in (0, 19, 20, 29, 30, 39)], [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+    warm = train.lr_schedule(Config(lr=0.1, schedule="cosine", epochs=2, warmup_epochs=1), ticks_per_epoch=10)
+    assert float(warm(0)) == pytest.approx(0.01) and float(warm(10)) == pytest.approx(0.1)
+    assert float(warm(19)) < 0.01
