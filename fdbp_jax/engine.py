@@ -5,9 +5,13 @@ One jitted tick runs a `shard_map` in which every device executes only its own s
 packed into padded flat vectors so that all stage devices hold same-shaped blocks (`flat.py`).
 Activations (with their labels) move to stage k+1 and input-gradients to stage k-1 by
 `ppermute` along "stage"; parameter gradients are averaged by `pmean` along "data" (on CPU the
-branches are re-traced with canonical convolutions, see `canonical_conv.py`). The stash of
-in-flight forwards (inputs and the weights they used) stays on device, so the exact delayed
-gradient is recomputed from them when the gradient returns. The schedule is `emulator.py`'s.
+branches are re-traced with canonical convolutions, see `canonical_conv.py`).
+
+The stash of in-flight forwards stays on device. With ``stash="recompute"`` (default) it holds each
+forward's input and weights, and the backward re-runs that forward to get its exact VJP (~1/3 more
+compute). With ``stash="residuals"`` it holds the forward's VJP residuals and applies that
+forward's own pullback: no recomputation, but far more memory and copying (measured slower on CPU;
+see docs/performance.md). The schedule is the emulator's (`emulator.py`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from fdbp_jax.stages import (
     split_variables,
 )
 
+STASH_MODES = ("residuals", "recompute")
 STAGE = P("stage")
 STAGE_DATA = P("stage", "data")
 
@@ -51,9 +56,9 @@ class EngineState:
     params: dict  # dtype -> (K, P)
     model_state: dict  # dtype -> (K, M)
     opt_state: dict  # dtype -> (K, O)
-    stash_params: dict  # dtype -> (K, D, P): weights each in-flight forward used
-    stash_model_state: dict  # dtype -> (K, D, M)
-    stash_inputs: jax.Array  # (K, N, D, b, S): inputs of in-flight forwards, flattened and padded
+    stash: dict  # dtype -> (K, N, D, W): per replica, each in-flight forward's residuals or input
+    stash_params: dict  # "recompute" only, dtype -> (K, D, P): weights each in-flight forward used
+    stash_model_state: dict  # "recompute" only, dtype -> (K, D, M)
     act_msg: jax.Array  # (K, N, b, A): activation arriving at stage k this tick
     label_msg: jax.Array  # (K, N, b, ...): its labels
     grad_msg: jax.Array  # (K, N, b, A): input-gradient arriving at stage k this tick
@@ -72,8 +77,8 @@ class Plan:
     opt_sizes: dict
     message_width: int
     message_dtype: np.dtype
-    stash_width: int
-    stash_dtype: np.dtype
+    stash_layouts: tuple  # per stage k < K-1: layout of one stash entry (residuals, or the input)
+    stash_sizes: dict
     label: jax.ShapeDtypeStruct
 
 
@@ -86,13 +91,16 @@ class MeshEngine:
 
     def __init__(
         self, stages: Sequence[Stage], loss_fn: LossFn, optimizer: optax.GradientTransformation,
-        shrink: float, mesh: Mesh,
+        shrink: float, mesh: Mesh, stash: str = "recompute",
     ):
+        if stash not in STASH_MODES:
+            raise ValueError(f"stash={stash!r} is not known: use one of {STASH_MODES}")
         self.stages = list(stages)
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.shrink = shrink
         self.mesh = mesh
+        self.stash = stash
         self.plan: Plan | None = None
         self._step = None
         self._predict = None
@@ -107,7 +115,11 @@ class MeshEngine:
         opt_state = [self.optimizer.init(p) for p in params]
         layouts = {name: tuple(FlatLayout.of(t) for t in trees) for name, trees in
                    (("param", params), ("state", model_state), ("opt", opt_state))}
-        boundaries, stashed = shapes[1:K], shapes[: K - 1]
+        boundaries = shapes[1:K]
+        stash_layouts = tuple(
+            FlatLayout.of(jax.eval_shape(partial(self._stash_entry_shapes, k), params[k], model_state[k], shapes[k]))
+            for k in range(K - 1)
+        )
         plan = Plan(
             in_shapes=tuple(shapes),
             param_layouts=layouts["param"],
@@ -118,23 +130,22 @@ class MeshEngine:
             opt_sizes=padded_sizes(layouts["opt"]),
             message_width=max([1, *map(features, boundaries)]),
             message_dtype=np.dtype(jnp.result_type(*[s.dtype for s in boundaries]) if boundaries else jnp.float32),
-            stash_width=max([1, *map(features, stashed)]),
-            stash_dtype=np.dtype(jnp.result_type(*[s.dtype for s in stashed]) if stashed else jnp.float32),
+            stash_layouts=stash_layouts,
+            stash_sizes=padded_sizes(stash_layouts) or {"float32": 1},
             label=label,
         )
         self.plan = plan
         b, D = shapes[0].shape[0], schedule.stash_depth(0, K)
-        stacked = lambda layouts_, trees, sizes: stack_packed(layouts_, trees, sizes)
-        packed_params = stacked(plan.param_layouts, params, plan.param_sizes)
-        packed_state = stacked(plan.state_layouts, model_state, plan.state_sizes)
+        packed_params = stack_packed(plan.param_layouts, params, plan.param_sizes)
+        packed_state = stack_packed(plan.state_layouts, model_state, plan.state_sizes)
         state = EngineState(
             tick=np.zeros((), np.int32),
             params=packed_params,
             model_state=packed_state,
-            opt_state=stacked(plan.opt_layouts, opt_state, plan.opt_sizes),
-            stash_params={k: np.zeros((K, D, v.shape[1]), v.dtype) for k, v in packed_params.items()},
-            stash_model_state={k: np.zeros((K, D, v.shape[1]), v.dtype) for k, v in packed_state.items()},
-            stash_inputs=np.zeros((K, N, D, b, plan.stash_width), plan.stash_dtype),
+            opt_state=stack_packed(plan.opt_layouts, opt_state, plan.opt_sizes),
+            stash={d: np.zeros((K, N, D, width), d) for d, width in plan.stash_sizes.items()},
+            stash_params=self._weight_stash(packed_params, D),
+            stash_model_state=self._weight_stash(packed_state, D),
             act_msg=np.zeros((K, N, b, plan.message_width), plan.message_dtype),
             label_msg=np.zeros((K, N, *label.shape), label.dtype),
             grad_msg=np.zeros((K, N, b, plan.message_width), plan.message_dtype),
@@ -155,6 +166,24 @@ class MeshEngine:
         )
         return jax.device_put(state, self.shardings(specs))
 
+    def _weight_stash(self, packed: dict, depth: int) -> dict:
+        if self.stash != "recompute":
+            return {}
+        return {d: np.zeros((v.shape[0], depth, v.shape[1]), v.dtype) for d, v in packed.items()}
+
+    def _stash_entry_shapes(self, k, params, model_state, x):
+        """What stage k keeps of one forward (per replica): the VJP residuals, or the input."""
+        if self.stash == "recompute":
+            return [x]
+        return jax.tree.leaves(self._forward_with_pullback(k, params, model_state, x)[1])
+
+    def _forward_with_pullback(self, k, params, model_state, x):
+        """Stage k's training forward and its pullback (w.r.t. params, and the input unless k = 0)."""
+        run = lambda p, h: self.stages[k].apply(p, model_state, h, train=True)
+        if k == 0:
+            return jax.vjp(lambda p: run(p, x), params, has_aux=True)
+        return jax.vjp(run, params, x, has_aux=True)
+
     def state_specs(self, state: EngineState) -> EngineState:
         """PartitionSpecs of every state leaf: per-stage arrays on "stage", per-replica ones also on "data"."""
         per_stage = lambda tree: jax.tree.map(lambda _: STAGE, tree)
@@ -163,9 +192,9 @@ class MeshEngine:
             params=per_stage(state.params),
             model_state=per_stage(state.model_state),
             opt_state=per_stage(state.opt_state),
+            stash=jax.tree.map(lambda _: STAGE_DATA, state.stash),
             stash_params=per_stage(state.stash_params),
             stash_model_state=per_stage(state.stash_model_state),
-            stash_inputs=STAGE_DATA,
             act_msg=STAGE_DATA,
             label_msg=STAGE_DATA,
             grad_msg=STAGE_DATA,
@@ -208,7 +237,7 @@ class MeshEngine:
         local = lambda tree: jax.tree.map(lambda a: a[0], tree)
         params, model_state, opt_state = local(state.params), local(state.model_state), local(state.opt_state)
         stash_params, stash_state = local(state.stash_params), local(state.stash_model_state)
-        stash_inputs = state.stash_inputs[0, 0]
+        stash = jax.tree.map(lambda a: a[0, 0], state.stash)
 
         slot = t % table(schedule.stash_depth)
         back_slot = (t - table(schedule.stage_delay)) % table(schedule.stash_depth)
@@ -220,7 +249,7 @@ class MeshEngine:
             stage_index,
             work,
             params, model_state, x, y, state.act_msg[0, 0], state.label_msg[0, 0], state.grad_msg[0, 0],
-            stash_inputs[back_slot], row(stash_params, back_slot), row(stash_state, back_slot),
+            row(stash, back_slot), row(stash_params, back_slot), row(stash_state, back_slot),
         )
         grads = jax.lax.pmean(grads, "data")
         fwd_state = {d: jax.lax.pmean(v, "data") if jnp.issubdtype(v.dtype, jnp.floating) else v
@@ -240,9 +269,9 @@ class MeshEngine:
             params=select_tree(has_gradient, updated_params, params),
             model_state=select_tree(has_forward, fwd_state, model_state),
             opt_state=select_tree(has_gradient, updated_opt, opt_state),
-            stash_params=write(stash_params, params),
-            stash_model_state=write(stash_state, model_state),
-            stash_inputs=stash_inputs.at[slot].set(stash_entry)[None],
+            stash=jax.tree.map(lambda a: a[None], write(stash, stash_entry)),
+            stash_params=write(stash_params, params) if self.stash == "recompute" else stash_params,
+            stash_model_state=write(stash_state, model_state) if self.stash == "recompute" else stash_state,
             act_msg=jax.lax.ppermute(act_out, "stage", forward_pairs)[None],
             label_msg=jax.lax.ppermute(labels_out, "stage", forward_pairs)[None],
             grad_msg=jax.lax.ppermute(grad_out, "stage", backward_pairs)[None],
@@ -252,39 +281,47 @@ class MeshEngine:
         loss = jnp.where((stage_index == K - 1) & (t >= K - 1), loss, jnp.nan)
         return new_state, loss[None], t
 
-    def _stage_work(self, k, params, model_state, x, y, act_in, labels_in, grad_in, used_input, used_params, used_state):
+    def _stage_work(self, k, params, model_state, x, y, act_in, labels_in, grad_in, used_entry, used_params, used_state):
         """Stage k's forward and its gradient this tick (one replica); outputs padded to common shapes."""
         plan, stage, K = self.plan, self.stages[k], self.num_stages
         params = plan.param_layouts[k].unpack(params)
         model_state = plan.state_layouts[k].unpack(model_state)
         x_in = x if k == 0 else unpad_rows(act_in, plan.in_shapes[k])
         labels = y if k == 0 else labels_in
-        batch = x_in.shape[0]
-        no_message = jnp.zeros((batch, plan.message_width), plan.message_dtype)
-        if k == K - 1:
+        no_message = jnp.zeros((x_in.shape[0], plan.message_width), plan.message_dtype)
+        if k == K - 1:  # delay 0: loss and gradients at once, nothing to stash
             loss, fwd_state, grads, input_grad = last_stage_grads(
                 stage, self.loss_fn, params, model_state, x_in, labels, input_grad=k > 0
             )
             act_out, labels_out = no_message, jnp.zeros_like(labels)
+            entry = {d: jnp.zeros((width,), d) for d, width in plan.stash_sizes.items()}
         else:
-            outputs, fwd_state = forward(stage, params, model_state, x_in)
             output_grad = self.shrink * unpad_rows(grad_in, plan.in_shapes[k + 1])
-            grads, input_grad = delayed_grads(
-                stage,
-                plan.param_layouts[k].unpack(used_params),
-                plan.state_layouts[k].unpack(used_state),
-                unpad_rows(used_input, plan.in_shapes[k]),
-                output_grad,
-                input_grad=k > 0,
-            )
+            layout = plan.stash_layouts[k]
+            if self.stash == "residuals":
+                outputs, pullback, fwd_state = self._forward_with_pullback(k, params, model_state, x_in)
+                leaves, treedef = jax.tree.flatten(pullback)
+                if [(leaf.shape, leaf.dtype) for leaf in leaves] != [(s, np.dtype(d)) for d, _, s in layout.leaves]:
+                    raise RuntimeError(f"stage {k}: VJP residuals differ between init and tick tracing")
+                entry = layout.pack(leaves, plan.stash_sizes)
+                # the pullback of the forward this stage ran stage_delay ticks ago, from its residuals
+                cotangents = jax.tree.unflatten(treedef, layout.unpack(used_entry))(output_grad)
+                grads, input_grad = cotangents if k > 0 else (cotangents[0], None)
+            else:
+                outputs, fwd_state = forward(stage, params, model_state, x_in)
+                entry = layout.pack([x_in], plan.stash_sizes)
+                (used_input,) = layout.unpack(used_entry)
+                grads, input_grad = delayed_grads(
+                    stage, plan.param_layouts[k].unpack(used_params), plan.state_layouts[k].unpack(used_state),
+                    used_input, output_grad, input_grad=k > 0,
+                )
             act_out, labels_out, loss = pad_rows(outputs, plan.message_width, plan.message_dtype), labels, 0.0
         grad_out = no_message if input_grad is None else pad_rows(input_grad, plan.message_width, plan.message_dtype)
         return (
             act_out,
             labels_out,
             grad_out,
-            jnp.zeros((batch, plan.stash_width), plan.stash_dtype) if k == K - 1  # nothing to keep: delay 0
-            else pad_rows(x_in, plan.stash_width, plan.stash_dtype),
+            entry,
             plan.param_layouts[k].pack(grads, plan.param_sizes),
             plan.state_layouts[k].pack(fwd_state, plan.state_sizes),
             jnp.asarray(loss, jnp.float32),

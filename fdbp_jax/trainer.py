@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 
 from fdbp_jax.baselines import Backprop
 from fdbp_jax.emulator import Emulator
-from fdbp_jax.engine import MeshEngine
+from fdbp_jax.engine import STASH_MODES, MeshEngine
 from fdbp_jax.mesh import check_mesh, num_devices
 from fdbp_jax.stages import LossFn, Stage, trace_shapes
 
@@ -25,7 +25,9 @@ class Trainer:
 
     With a mesh, FDBP runs stage k on the devices of mesh column k, replicated over "data"; BP
     replicates the whole model on every device. With ``mesh=None`` the single-device emulator runs
-    the same algorithm, simulating ``replicas`` data-parallel workers.
+    the same algorithm, simulating ``replicas`` data-parallel workers. ``stash`` picks what the mesh
+    engine keeps of each in-flight forward: its input and weights ("recompute", the default: the
+    forward runs again in the backward) or its VJP residuals ("residuals": no recomputation, more memory).
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class Trainer:
         algorithm: str = "fdbp",
         shrink: float = 1.0,
         replicas: int | None = None,
+        stash: str = "recompute",
     ):
         stages = list(stages)
         if not stages or not all(isinstance(s, nn.Module) for s in stages):
@@ -45,6 +48,8 @@ class Trainer:
             raise ValueError(f"algorithm={algorithm!r} is not known: use one of {ALGORITHMS}")
         if not isinstance(shrink, (int, float)) or not 0.0 < shrink <= 1.0:
             raise ValueError(f"shrink={shrink!r} must be in (0, 1] (1.0 = no gradient shrinking)")
+        if stash not in STASH_MODES:
+            raise ValueError(f"stash={stash!r} is not known: use one of {STASH_MODES}")
         if replicas is not None and (not isinstance(replicas, int) or replicas < 1):
             raise ValueError(f"replicas={replicas!r} must be a positive integer")
         self.stages = [Stage(m) for m in stages]
@@ -62,7 +67,7 @@ class Trainer:
         elif mesh is None:
             self.engine = Emulator(self.stages, loss_fn, optimizer, float(shrink), self.replicas)
         else:
-            self.engine = MeshEngine(self.stages, loss_fn, optimizer, float(shrink), mesh)
+            self.engine = MeshEngine(self.stages, loss_fn, optimizer, float(shrink), mesh, stash)
         self._batch: tuple | None = None
 
     @property

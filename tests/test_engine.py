@@ -11,14 +11,16 @@ import fdbp_jax as fj
 OPTIMIZERS = {"sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9), "adam": lambda: optax.adam(1e-3)}
 
 
-def mesh_and_emulator(num_stages, data, optimizer, shrink, batch_norm=False, ticks=None):
+def mesh_and_emulator(num_stages, data, optimizer, shrink, batch_norm=False, ticks=None, stash="recompute"):
     ticks = ticks or 3 * num_stages + 2
     xs, ys = toy.batches(ticks)
     stages = toy.conv_stages(num_stages, batch_norm)
     emulator = fj.Trainer(stages, toy.cross_entropy, OPTIMIZERS[optimizer](), shrink=shrink, replicas=data)
     state = emulator.init(jax.random.key(1), xs[0])
     initial = emulator.stage_variables(state)
-    engine = fj.Trainer(stages, toy.cross_entropy, OPTIMIZERS[optimizer](), mesh=fj.make_mesh(data, num_stages), shrink=shrink)
+    engine = fj.Trainer(
+        stages, toy.cross_entropy, OPTIMIZERS[optimizer](), mesh=fj.make_mesh(data, num_stages), shrink=shrink, stash=stash
+    )
     mesh_state = engine.init(jax.random.key(99), xs[0], variables=initial)
     state, emulator_losses = toy.run(emulator, state, xs, ys)
     mesh_state, mesh_losses = toy.run(engine, mesh_state, xs, ys)
@@ -41,10 +43,10 @@ def test_mesh_engine_matches_emulator(num_stages, data, optimizer, shrink):
     np.testing.assert_allclose(engine.predict(mesh_state, xs[0]), emulator.predict(state, xs[0]), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("num_stages", [2, 4])
-def test_batch_norm_stages_match_emulator(num_stages):
+@pytest.mark.parametrize("num_stages,stash", [(2, "recompute"), (4, "recompute"), (4, "residuals")])
+def test_batch_norm_stages_match_emulator(num_stages, stash):
     (emulator, state, emu_losses), (engine, mesh_state, mesh_losses), initial, xs = mesh_and_emulator(
-        num_stages, 2, "sgd_momentum", 1.0, batch_norm=True
+        num_stages, 2, "sgd_momentum", 1.0, batch_norm=True, stash=stash
     )
     expected, got = emulator.stage_variables(state), engine.stage_variables(mesh_state)
     assert "batch_stats" in expected[0]
@@ -52,6 +54,15 @@ def test_batch_norm_stages_match_emulator(num_stages):
     assert toy.max_relative_error(expected, got) <= 1e-5
     np.testing.assert_allclose(mesh_losses, emu_losses, rtol=1e-5)
     np.testing.assert_allclose(engine.predict(mesh_state, xs[1]), emulator.predict(state, xs[1]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("data", [1, 2])
+def test_residual_stash_matches_emulator_with_adam_and_shrink(data):
+    (emulator, state, emu_losses), (engine, mesh_state, mesh_losses), _, _ = mesh_and_emulator(
+        4, data, "adam", 0.5, stash="residuals"
+    )
+    assert toy.max_relative_error(emulator.stage_variables(state), engine.stage_variables(mesh_state)) <= 1e-5
+    np.testing.assert_allclose(mesh_losses, emu_losses, rtol=1e-5)
 
 
 def test_stage_parameters_live_only_on_their_stage_devices():
