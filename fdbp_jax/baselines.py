@@ -18,7 +18,17 @@ from jax.sharding import PartitionSpec as P
 
 from fdbp_jax.emulator import replica_mean, split_replicas
 from fdbp_jax.mesh import MESH_AXES, num_devices
-from fdbp_jax.stages import LossFn, Stage, apply_update, backprop_grads, join_variables, predict_stages, split_variables
+from fdbp_jax.stages import (
+    LossFn,
+    Stage,
+    all_finite,
+    apply_update,
+    backprop_grads,
+    join_variables,
+    predict_stages,
+    select_tree,
+    split_variables,
+)
 
 ALL_DEVICES = P(MESH_AXES)
 
@@ -36,12 +46,13 @@ class Backprop:
 
     def __init__(
         self, stages: Sequence[Stage], loss_fn: LossFn, optimizer: optax.GradientTransformation,
-        replicas: int = 1, mesh: Mesh | None = None,
+        replicas: int = 1, mesh: Mesh | None = None, skip_nonfinite: bool = False,
     ):
         self.stages = list(stages)
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.mesh = mesh
+        self.skip_nonfinite = skip_nonfinite
         self.replicas = num_devices(mesh) if mesh is not None else replicas
         if mesh is None:
             self._step = jax.jit(self._emulated_step)
@@ -107,12 +118,14 @@ class Backprop:
         return self._update(state, *jax.lax.pmean(self._grads(state, x, y), MESH_AXES))
 
     def _update(self, state: BackpropState, loss, model_state, grads):
-        params, opt_state = zip(
-            *(apply_update(self.optimizer, p, o, g) for p, o, g in zip(state.params, state.opt_state, grads))
-        )
-        new_state = BackpropState(
-            tick=state.tick + 1, params=list(params), model_state=list(model_state), opt_state=list(opt_state)
-        )
-        return new_state, {"loss": loss, "tick": state.tick}
+        nonfinite = jnp.stack([~all_finite(g) for g in grads])
+        params, opt_state = [], []
+        for k, (p, o, g) in enumerate(zip(state.params, state.opt_state, grads)):
+            new_p, new_o = apply_update(self.optimizer, p, o, g)
+            keep = nonfinite[k] if self.skip_nonfinite else False
+            params.append(select_tree(keep, p, new_p))
+            opt_state.append(select_tree(keep, o, new_o))
+        new_state = BackpropState(tick=state.tick + 1, params=params, model_state=list(model_state), opt_state=opt_state)
+        return new_state, {"loss": loss, "tick": state.tick, "nonfinite": nonfinite}
 
 

@@ -4,6 +4,7 @@ state, and the in-flight pipeline: stashes and messages) plus JSON metadata (pos
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import jax
@@ -40,6 +41,18 @@ class Checkpoints:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         )
         return restored["state"], restored["meta"]
+
+    def restore_latest(self, like: Any) -> tuple[Any, dict, int]:
+        """Restore the newest checkpoint that reads back whole; a corrupted or truncated one is reported
+        on stderr and the one before it is used."""
+        for step in reversed(self.all_steps()):
+            try:
+                state, meta = self.restore(step, like)
+                return state, meta, step
+            except Exception as err:  # orbax/tensorstore raise many types for damaged files
+                print(f"fdbp-train: checkpoint {step} in {self.manager.directory} is unreadable "
+                      f"({type(err).__name__}); trying the one before it", file=sys.stderr)
+        raise ValueError(f"--resume: no readable checkpoint in {self.manager.directory}")
 
     def close(self) -> None:
         self.manager.close()

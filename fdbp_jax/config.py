@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 from fdbp_jax.data import DATASETS
-from fdbp_jax.models import MODELS
+from fdbp_jax.models import MODELS, model_blocks
 from fdbp_jax.trainer import ALGORITHMS
 
 SCHEDULES = ("constant", "step", "cosine")
@@ -38,6 +38,7 @@ class Config:
     eval_batch_size: int = 1000
     log_every: int = 20
     keep_checkpoints: int = 3
+    skip_nonfinite: bool = False  # skip (and count) updates with NaN/inf gradients instead of stopping
 
     def to_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -63,13 +64,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def validate(config: Config, num_blocks: int) -> None:
+def validate(config: Config) -> None:
     """Raise ValueError naming the first bad setting (flag spelling, value, what is valid)."""
     c = config
     choices = (("model", MODELS), ("dataset", DATASETS), ("algorithm", ALGORITHMS), ("schedule", SCHEDULES))
     for name, valid in choices:
         if getattr(c, name) not in valid:
             raise ValueError(f"--{name} {getattr(c, name)}: unknown; valid: {', '.join(valid)}")
+    num_blocks = len(model_blocks(c.model))
     if not 1 <= c.stages <= num_blocks:
         raise ValueError(f"--stages {c.stages}: must be between 1 and {num_blocks} (the blocks of {c.model})")
     if c.data_parallel < 1:

@@ -24,6 +24,7 @@ from fdbp_jax import schedule
 from fdbp_jax.stages import (
     LossFn,
     Stage,
+    all_finite,
     apply_update,
     delayed_grads,
     forward,
@@ -65,13 +66,14 @@ class Emulator:
 
     def __init__(
         self, stages: Sequence[Stage], loss_fn: LossFn, optimizer: optax.GradientTransformation,
-        shrink: float, replicas: int,
+        shrink: float, replicas: int, skip_nonfinite: bool = False,
     ):
         self.stages = list(stages)
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.shrink = shrink
         self.replicas = replicas
+        self.skip_nonfinite = skip_nonfinite
         self._step = jax.jit(self._tick)
         self._predict = jax.jit(self._predict_fn)
 
@@ -115,7 +117,7 @@ class Emulator:
         shared_weights = lambda fn, batched: jax.vmap(fn, in_axes=(None, None) + (0,) * batched)
         new = dict(params=[], model_state=[], opt_state=[], stash_inputs=[], stash_params=[], stash_model_state=[])
         act_msgs, label_msgs, grad_msgs = [None] * (K - 1), [None] * (K - 1), [None] * (K - 1)
-        loss = jnp.nan
+        loss, nonfinite = jnp.nan, []
         for k, stage in enumerate(self.stages):
             params, model_state = state.params[k], state.model_state[k]
             x_in = split_replicas(x, self.replicas) if k == 0 else state.act_msgs[k - 1]
@@ -150,12 +152,16 @@ class Emulator:
                 grad_msgs[k - 1] = input_grads
             has_forward = schedule.forward_batch(t, k) >= 0
             has_gradient = schedule.backward_batch(t, k, K) >= 0
-            updated_params, updated_opt = apply_update(self.optimizer, params, state.opt_state[k], replica_mean(grads))
+            grads = replica_mean(grads)
+            nonfinite.append(has_gradient & ~all_finite(grads))
+            if self.skip_nonfinite:
+                has_gradient = has_gradient & ~nonfinite[-1]
+            updated_params, updated_opt = apply_update(self.optimizer, params, state.opt_state[k], grads)
             new["params"].append(select_tree(has_gradient, updated_params, params))
             new["opt_state"].append(select_tree(has_gradient, updated_opt, state.opt_state[k]))
             new["model_state"].append(select_tree(has_forward, replica_mean(fwd_state), model_state))
         new_state = EmulatorState(
             tick=t + 1, act_msgs=act_msgs, label_msgs=label_msgs, grad_msgs=grad_msgs, **new
         )
-        return new_state, {"loss": loss, "tick": t}
+        return new_state, {"loss": loss, "tick": t, "nonfinite": jnp.stack(nonfinite)}
 

@@ -34,6 +34,7 @@ from fdbp_jax.flat import FlatLayout, pad_rows, padded_sizes, stack_packed, unpa
 from fdbp_jax.stages import (
     LossFn,
     Stage,
+    all_finite,
     apply_update,
     delayed_grads,
     forward,
@@ -91,7 +92,7 @@ class MeshEngine:
 
     def __init__(
         self, stages: Sequence[Stage], loss_fn: LossFn, optimizer: optax.GradientTransformation,
-        shrink: float, mesh: Mesh, stash: str = "recompute",
+        shrink: float, mesh: Mesh, stash: str = "recompute", skip_nonfinite: bool = False,
     ):
         if stash not in STASH_MODES:
             raise ValueError(f"stash={stash!r} is not known: use one of {STASH_MODES}")
@@ -101,6 +102,7 @@ class MeshEngine:
         self.shrink = shrink
         self.mesh = mesh
         self.stash = stash
+        self.skip_nonfinite = skip_nonfinite
         self.plan: Plan | None = None
         self._step = None
         self._predict = None
@@ -154,7 +156,7 @@ class MeshEngine:
         self._step = jax.jit(
             jax.shard_map(
                 self._local_tick, mesh=self.mesh, in_specs=(specs, P("data"), P("data")),
-                out_specs=(specs, STAGE, P()), check_vma=False,
+                out_specs=(specs, STAGE, STAGE, P()), check_vma=False,
             ),
             donate_argnums=0,
         )
@@ -206,8 +208,8 @@ class MeshEngine:
     def step(self, state: EngineState, x, y):
         x = jax.device_put(x, NamedSharding(self.mesh, P("data")))
         y = jax.device_put(y, NamedSharding(self.mesh, P("data")))
-        state, losses, tick = self._step(state, x, y)
-        return state, {"loss": losses[-1], "tick": tick}
+        state, losses, nonfinite, tick = self._step(state, x, y)
+        return state, {"loss": losses[-1], "tick": tick, "nonfinite": nonfinite}
 
     def stage_variables(self, state: EngineState) -> list[dict]:
         plan = self.plan
@@ -258,6 +260,9 @@ class MeshEngine:
 
         has_forward = t >= stage_index
         has_gradient = t >= table(schedule.first_update_tick)
+        nonfinite = has_gradient & ~all_finite(grads)
+        if self.skip_nonfinite:
+            has_gradient = has_gradient & ~nonfinite
         updated_params, updated_opt = jax.lax.switch(
             stage_index, [partial(self._stage_update, k) for k in range(K)], params, opt_state, grads
         )
@@ -279,7 +284,7 @@ class MeshEngine:
         # every per-stage leaf gets back its leading (local size 1) "stage" axis
         new_state = jax.tree.map(lambda a: a[None], new_state.replace(tick=None)).replace(tick=t + 1)
         loss = jnp.where((stage_index == K - 1) & (t >= K - 1), loss, jnp.nan)
-        return new_state, loss[None], t
+        return new_state, loss[None], nonfinite[None], t
 
     def _stage_work(self, k, params, model_state, x, y, act_in, labels_in, grad_in, used_entry, used_params, used_state):
         """Stage k's forward and its gradient this tick (one replica); outputs padded to common shapes."""

@@ -117,6 +117,11 @@ def apply_update(
     return optax.apply_updates(params, updates), opt_state
 
 
+def all_finite(tree: PyTree) -> jax.Array:
+    """True iff every entry of every leaf is finite (no NaN or inf)."""
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)] or [True]))
+
+
 def select_tree(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
     """Elementwise `pred ? on_true : on_false` over two pytrees of the same structure."""
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)

@@ -10,7 +10,9 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from typing import Sequence
 
@@ -29,6 +31,7 @@ from fdbp_jax.trainer import Trainer
 
 IMAGE_SHAPE = (32, 32, 3)
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json")
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
 @dataclasses.dataclass
@@ -124,6 +127,35 @@ def load_datasets(config: Config) -> tuple[data_lib.ArrayDataset, data_lib.Array
     )
 
 
+class Diverged(RuntimeError):
+    """Training produced a non-finite gradient (and --skip-nonfinite was not given)."""
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop reads after each tick, so a run can stop cleanly."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _floats(values) -> list:
+    return [None if not np.isfinite(v) else float(v) for v in np.asarray(values, np.float64)]
+
+
 def train_and_evaluate(
     config: Config,
     workdir: str,
@@ -132,12 +164,13 @@ def train_and_evaluate(
     datasets: tuple[data_lib.ArrayDataset, data_lib.ArrayDataset] | None = None,
     show_progress: bool = True,
 ) -> RunResult:
-    """Train `config` in `workdir` (checkpoint every epoch, metrics.jsonl, summary.json)."""
+    """Train `config` in `workdir`: orbax checkpoints each epoch (and on SIGINT/SIGTERM), metrics.jsonl,
+    summary.json. Raises ValueError for bad settings and Diverged for a non-finite gradient."""
+    validate(config)
     blocks = model_blocks(config.model)
-    validate(config, len(blocks))
+    mesh = make_mesh(config.data_parallel, config.stages)
     prepare_workdir(workdir, resume, overwrite)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    start_epoch, history, previous_wall = 0, [], 0.0
     if resume:
         step = checkpoints.latest_step()
         if step is None:
@@ -145,7 +178,6 @@ def train_and_evaluate(
         differences = config_differences(checkpoints.read_meta(step)["config"], config)
         if differences:
             raise ValueError(f"--resume: the checkpoint in {workdir} was made with other settings: " + "; ".join(differences))
-    mesh = make_mesh(config.data_parallel, config.stages)
     train_data, eval_data = datasets or load_datasets(config)
     if len(train_data) < config.batch_size:
         raise ValueError(f"--batch-size {config.batch_size}: larger than the {len(train_data)} training examples")
@@ -153,47 +185,83 @@ def train_and_evaluate(
     boundaries, _, _ = choose_boundaries(config, blocks, config.batch_size // config.data_parallel)
     trainer = Trainer(
         split_model(blocks, boundaries), cross_entropy, make_optimizer(config, ticks), mesh=mesh,
-        algorithm=config.algorithm, shrink=config.shrink,
+        algorithm=config.algorithm, shrink=config.shrink, skip_nonfinite=config.skip_nonfinite,
     )
     state = trainer.init(jax.random.key(config.seed), np.zeros((config.batch_size, *IMAGE_SHAPE), np.float32))
+    position = {"epoch": 0, "index": 0, "history": [], "wall_time_s": 0.0, "epoch_losses": [], "skipped_updates": 0}
     if resume:
-        state, meta = checkpoints.restore(checkpoints.latest_step(), state)
-        start_epoch, history, previous_wall = meta["epoch"], meta["history"], meta["wall_time_s"]
-    started, train_seconds, train_images = time.time(), 0.0, 0
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as log:
+        state, meta, _ = checkpoints.restore_latest(state)
+        position = {key: meta[key] for key in position}
+    previous_wall, history, skipped = position["wall_time_s"], position["history"], position["skipped_updates"]
+    started, train_seconds, train_images, interrupted = time.time(), 0.0, 0, None
+
+    def save(epoch: int, index: int, epoch_losses: list) -> None:
+        checkpoints.save(epoch * ticks + index, state, {
+            "epoch": epoch, "index": index, "tick": epoch * ticks + index, "config": config.to_json(),
+            "history": history, "wall_time_s": previous_wall + time.time() - started,
+            "epoch_losses": epoch_losses, "skipped_updates": skipped,
+        })
+
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as log, StopRequest() as stop:
         write = lambda event: log.write(json.dumps(event) + "\n") or log.flush()
-        for epoch in range(start_epoch, config.epochs):
+        for epoch in range(position["epoch"], config.epochs):
+            first = position["index"] if epoch == position["epoch"] else 0
+            earlier = position["epoch_losses"] if epoch == position["epoch"] else []
             order = data_lib.epoch_order(len(train_data), config.seed, epoch)
-            losses, epoch_start = [], time.time()
-            bar = tqdm(range(ticks), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show_progress, leave=False)
+            losses, flags, checked, epoch_start = [], [], 0, time.time()
+            bar = tqdm(range(first, ticks), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show_progress,
+                       leave=False)
             for index in bar:
                 x, y = data_lib.train_batch(train_data, order, config.seed, epoch, index, config.batch_size)
                 state, metrics = trainer.step(state, x, y)
                 losses.append(metrics["loss"])
-                if (index + 1) % config.log_every == 0 or index + 1 == ticks:
+                flags.append(metrics["nonfinite"])
+                done = index + 1
+                if done % config.log_every == 0 or done == ticks or stop.signal is not None:
+                    bad = np.asarray(jax.device_get(flags[checked:]))
+                    checked = len(flags)
+                    if bad.any() and not config.skip_nonfinite:
+                        row, stage = np.argwhere(bad)[0]
+                        tick = epoch * ticks + done - len(bad) + row + 1
+                        last = checkpoints.latest_step()
+                        raise Diverged(
+                            f"training diverged: non-finite gradient at tick {tick} (epoch {epoch + 1}), first in "
+                            f"stage {stage}; "
+                            + (f"the last good checkpoint is step {last} in {workdir}/checkpoints" if last is not None
+                               else "no checkpoint was written yet")
+                            + ". Lower --lr, add --warmup-epochs or a --shrink below 1, or pass --skip-nonfinite"
+                        )
+                    skipped += int(bad.sum())
                     recent = np.asarray(jax.device_get(losses[-config.log_every :]), np.float64)
-                    rate = (index + 1) * config.batch_size / (time.time() - epoch_start)
+                    rate = (done - first) * config.batch_size / (time.time() - epoch_start)
                     loss = float(np.nanmean(recent)) if np.isfinite(recent).any() else None
-                    write({"event": "train", "epoch": epoch + 1, "tick": epoch * ticks + index + 1,
-                           "loss": loss, "images_per_s": rate})
+                    write({"event": "train", "epoch": epoch + 1, "tick": epoch * ticks + done, "loss": loss,
+                           "images_per_s": rate, "skipped_updates": skipped})
                     bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "warm-up", img_s=f"{rate:.0f}")
+                if stop.signal is not None and done < ticks:
+                    interrupted = (epoch, done)
+                    save(epoch, done, earlier + _floats(jax.device_get(losses)))
+                    break
+            if interrupted:
+                break
             epoch_seconds = time.time() - epoch_start
-            train_seconds, train_images = train_seconds + epoch_seconds, train_images + ticks * config.batch_size
-            epoch_losses = np.asarray(jax.device_get(losses), np.float64)
+            train_seconds += epoch_seconds
+            train_images += (ticks - first) * config.batch_size
+            epoch_losses = np.asarray(earlier + _floats(jax.device_get(losses)), np.float64)
             accuracy = evaluate(trainer, state, eval_data, config.eval_batch_size)
             history.append({
                 "epoch": epoch + 1, "tick": (epoch + 1) * ticks, "test_accuracy": accuracy,
                 "train_loss": float(np.nanmean(epoch_losses)) if np.isfinite(epoch_losses).any() else None,
-                "images_per_s": ticks * config.batch_size / epoch_seconds,
+                "images_per_s": (ticks - first) * config.batch_size / epoch_seconds,
                 "wall_time_s": previous_wall + time.time() - started,
             })
             write({"event": "eval", **history[-1]})
             print(f"epoch {epoch + 1}/{config.epochs}: train loss {history[-1]['train_loss']}, "
                   f"test accuracy {accuracy:.4f}, {history[-1]['images_per_s']:.0f} images/s", flush=True)
-            checkpoints.save(epoch + 1, state, {
-                "epoch": epoch + 1, "tick": (epoch + 1) * ticks, "config": config.to_json(), "history": history,
-                "wall_time_s": previous_wall + time.time() - started,
-            })
+            save(epoch + 1, 0, [])
+            if stop.signal is not None:
+                interrupted = (epoch + 1, 0)
+                break
     checkpoints.close()
     summary = {
         "test_accuracy": history[-1]["test_accuracy"] if history else None,
@@ -203,6 +271,8 @@ def train_and_evaluate(
         "images_per_s": train_images / train_seconds if train_seconds else None,
         "epochs_completed": len(history),
         "ticks_per_epoch": ticks,
+        "skipped_updates": skipped,
+        "interrupted_at": None if interrupted is None else {"epoch": interrupted[0], "index": interrupted[1]},
         "boundaries": boundaries,
         "history": history,
         "config": config.to_json(),
@@ -237,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--train-examples", type=int)
     add("--eval-examples", type=int)
     add("--boundaries", type=lambda s: tuple(int(v) for v in s.split(",") if v), help="e.g. 10,19,28")
+    add("--skip-nonfinite", action="store_true", default=None,
+        help="skip (and count) updates whose gradient has NaN/inf instead of stopping with exit code 3")
+    add("--keep-checkpoints", type=int, help="how many recent checkpoints to keep (default 3)")
     add("--eval-batch-size", type=int)
     add("--log-every", type=int)
     add("--workdir", default="runs/latest")
@@ -277,8 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fdbp-train: no accelerator, simulating {devices} CPU devices (data={config.data_parallel} x "
                   f"stage={config.stages}) on {os.cpu_count()} cores", flush=True)
         if args.show_split:
+            validate(config)
             blocks = model_blocks(config.model)
-            validate(config, len(blocks))
             boundaries, costs, params = choose_boundaries(config, blocks, config.batch_size // config.data_parallel)
             print(describe_split(blocks, boundaries, costs, params))
             return 0
@@ -289,7 +362,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"fdbp-train: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except Diverged as err:
+        if args.debug:
+            raise
+        print(f"fdbp-train: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
+    if summary["interrupted_at"] is not None:
+        again = " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--resume", "--overwrite"))
+        print(f"fdbp-train: stopped by signal at epoch {summary['interrupted_at']['epoch'] + 1}, tick "
+              f"{summary['interrupted_at']['index']} of the epoch; checkpoint written. Continue with: "
+              f"fdbp-train {again} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(json.dumps({k: summary[k] for k in ("test_accuracy", "best_test_accuracy", "final_train_loss",
                                               "wall_time_s", "images_per_s")}))
     return 0

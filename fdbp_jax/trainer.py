@@ -40,6 +40,7 @@ class Trainer:
         shrink: float = 1.0,
         replicas: int | None = None,
         stash: str = "recompute",
+        skip_nonfinite: bool = False,
     ):
         stages = list(stages)
         if not stages or not all(isinstance(s, nn.Module) for s in stages):
@@ -63,11 +64,13 @@ class Trainer:
         else:
             self.replicas = replicas or 1
         if algorithm == "bp":
-            self.engine: Any = Backprop(self.stages, loss_fn, optimizer, replicas=self.replicas, mesh=mesh)
+            self.engine: Any = Backprop(
+                self.stages, loss_fn, optimizer, replicas=self.replicas, mesh=mesh, skip_nonfinite=skip_nonfinite
+            )
         elif mesh is None:
-            self.engine = Emulator(self.stages, loss_fn, optimizer, float(shrink), self.replicas)
+            self.engine = Emulator(self.stages, loss_fn, optimizer, float(shrink), self.replicas, skip_nonfinite)
         else:
-            self.engine = MeshEngine(self.stages, loss_fn, optimizer, float(shrink), mesh, stash)
+            self.engine = MeshEngine(self.stages, loss_fn, optimizer, float(shrink), mesh, stash, skip_nonfinite)
         self._batch: tuple | None = None
 
     @property
@@ -94,7 +97,9 @@ class Trainer:
         return self.engine.init(variables, shapes, local(example_y))
 
     def step(self, state, x, y) -> tuple[Any, dict]:
-        """One tick: batch (x, y) enters stage 0; returns the new state and {"loss", "tick"}."""
+        """One tick: batch (x, y) enters stage 0; returns the new state and metrics: "loss" (of the
+        batch at the last stage; NaN in warm-up), "tick", and "nonfinite" (K flags: stages whose
+        gradient this tick had a NaN/inf; with skip_nonfinite=True their update was skipped)."""
         if self._batch is None:
             raise ValueError("call trainer.init(...) before trainer.step(...)")
         x_shape, x_dtype, y_shape, y_dtype = self._batch

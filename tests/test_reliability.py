@@ -1,0 +1,200 @@
+"""Bad input -> one clear line and exit code 2 with nothing overwritten; divergence -> exit code 3;
+non-finite updates can be skipped; SIGTERM and SIGKILL lose nothing on resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+import toy
+
+import fdbp_jax as fj
+from fdbp_jax import data as data_lib
+from fdbp_jax import train
+from fdbp_jax.config import Config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--model", "cnn", "--stages", "2", "--data-parallel", "2", "--batch-size", "16", "--no-progress"]
+
+# (flags, what the one-line message must say)
+BAD_INPUT = [
+    (["--model", "vgg"], "--model vgg: unknown; valid: resnet20, resnet32, resnet44, resnet56, resnet110, cnn"),
+    (["--dataset", "mnist"], "--dataset mnist: unknown; valid: cifar10"),
+    (["--schedule", "linear"], "--schedule linear: unknown; valid: constant, step, cosine"),
+    (["--algorithm", "sgd"], "--algorithm sgd: unknown; valid: fdbp, bp"),
+    (["--stages", "0"], "--stages 0: must be between 1 and 6 (the blocks of cnn)"),
+    (["--stages", "7"], "--stages 7: must be between 1 and 6 (the blocks of cnn)"),
+    (["--data-parallel", "0"], "--data-parallel 0: must be >= 1"),
+    (["--stages", "4", "--data-parallel", "4"], "data=4 x stage=4 needs 16 devices but only 8 cpu device(s) are available"),
+    (["--batch-size", "15"], "--batch-size 15: must be a positive multiple of --data-parallel 2"),
+    (["--batch-size", "1"], "--batch-size 1: must be a positive multiple of --data-parallel 2"),
+    (["--shrink", "0"], "--shrink 0.0: must be in (0, 1]"),
+    (["--shrink", "1.5"], "--shrink 1.5: must be in (0, 1]"),
+    (["--lr", "0"], "--lr 0.0: must be > 0"),
+    (["--lr", "-0.1"], "--lr -0.1: must be > 0"),
+    (["--epochs", "-1"], "--epochs -1: must be >= 0"),
+    (["--train-examples", "-5"], "--train-examples -5: must be >= 1"),
+    (["--eval-examples", "0"], "--eval-examples 0: must be >= 1"),
+    (["--boundaries", "3,1"], "--boundaries needs K-1 = 1 values for K=2, got 2"),
+    (["--stages", "3", "--boundaries", "3,2"], "--boundaries 3,2 must be strictly increasing block indices between 1 and 5"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_INPUT, ids=[" ".join(f) for f, _ in BAD_INPUT])
+def test_bad_flags_give_one_line_and_exit_code_2(tmp_path, capsys, flags, message):
+    workdir = tmp_path / "run"
+    assert train.main(SMALL + ["--workdir", str(workdir)] + flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert err.startswith("fdbp-train: error: ") and message in err, err
+    assert not workdir.exists()
+
+
+def write_sentinel(workdir):
+    workdir.mkdir()
+    (workdir / "summary.json").write_text('{"run": "earlier"}')
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    write_sentinel(workdir)
+    assert train.main(SMALL + ["--workdir", str(workdir)]) == 2
+    assert "already holds a run (summary.json): pass --resume to continue it or --overwrite" in capsys.readouterr().err
+    assert (workdir / "summary.json").read_text() == '{"run": "earlier"}'
+
+
+def test_resume_without_checkpoint(tmp_path, capsys):
+    assert train.main(SMALL + ["--workdir", str(tmp_path), "--resume"]) == 2
+    assert f"--resume: no checkpoint in {tmp_path}/checkpoints; start without --resume" in capsys.readouterr().err
+
+
+def test_unwritable_workdir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert train.main(SMALL + ["--workdir", str(blocker / "run")]) == 2
+    assert f"--workdir {blocker}/run is not writable" in capsys.readouterr().err
+
+
+def test_absent_dataset(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "empty"))
+    assert train.main(SMALL + ["--workdir", str(tmp_path / "run"), "--train-examples", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "dataset 'cifar10' is not prepared under" in err and "set TFDS_DATA_DIR" in err and err.count("\n") == 1
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(ValueError, match="--lr 0.0"):
+        train.main(SMALL + ["--workdir", str(tmp_path), "--lr", "0", "--debug"])
+
+
+def tiny(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return data_lib.ArrayDataset(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                                 rng.integers(0, 10, n).astype(np.int32))
+
+
+TINY = dict(model="cnn", stages=2, data_parallel=2, batch_size=16, schedule="constant", log_every=1, eval_batch_size=32)
+
+
+def test_divergence_stops_with_tick_epoch_stage(tmp_path):
+    with pytest.raises(train.Diverged, match=r"non-finite gradient at tick \d+ \(epoch 1\), first in stage \d; "
+                                             r"no checkpoint was written yet\. Lower --lr"):
+        train.train_and_evaluate(Config(**TINY, lr=1e30, epochs=2), str(tmp_path), datasets=(tiny(), tiny(32, 1)),
+                                 show_progress=False)
+    assert not os.listdir(tmp_path / "checkpoints")
+
+
+def test_skip_nonfinite_counts_skipped_updates(tmp_path):
+    result = train.train_and_evaluate(Config(**TINY, lr=1e30, epochs=1, skip_nonfinite=True), str(tmp_path),
+                                      datasets=(tiny(), tiny(32, 1)), show_progress=False)
+    assert result.summary["skipped_updates"] > 0 and result.summary["epochs_completed"] == 1
+
+
+@pytest.mark.parametrize("use_mesh", [False, True])
+def test_nonfinite_flags_follow_the_schedule_and_can_be_skipped(use_mesh):
+    """A NaN batch entering at tick 2 reaches the last stage's gradient at tick 3 and stage 0's at tick 4."""
+    xs, ys = toy.batches(6, batch=4)
+    xs[2, 0, 0, 0, 0] = np.nan
+    flags = {}
+    for skip in (False, True):
+        trainer = fj.Trainer([toy.FlattenDense(8), toy.DenseHead()], toy.cross_entropy, optax.sgd(0.1),
+                             mesh=fj.make_mesh(2, 2) if use_mesh else None, skip_nonfinite=skip)
+        state = trainer.init(jax.random.key(0), xs[0])
+        seen = []
+        for x, y in zip(xs, ys):
+            state, metrics = trainer.step(state, x, y)
+            seen.append(np.asarray(metrics["nonfinite"]).tolist())
+        flags[skip] = seen
+        finite = all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(trainer.stage_variables(state)))
+        assert finite == skip
+    assert flags[True] == [[False, False], [False, False], [False, False], [False, True], [True, False], [False, False]]
+    assert flags[False][:4] == flags[True][:4] and flags[False][4:] == [[True, True], [True, True]]  # NaN weights
+
+
+RUNNER = textwrap.dedent("""
+    import os, sys, jax
+    jax.config.update("jax_num_cpu_devices", 8)
+    import numpy as np
+    from fdbp_jax import train, data
+    from fdbp_jax.config import Config
+    d = np.load(sys.argv[1])
+    sets = (data.ArrayDataset(d["x"], d["y"]), data.ArrayDataset(d["x"][:32], d["y"][:32]))
+    config = Config(model="cnn", stages=2, data_parallel=2, batch_size=8, schedule="constant", epochs=3,
+                    log_every=1, eval_batch_size=32, seed=1)
+    result = train.train_and_evaluate(config, sys.argv[2], resume=sys.argv[3] == "resume", datasets=sets,
+                                      show_progress=False)
+    print("INTERRUPTED" if result.summary["interrupted_at"] else "DONE", flush=True)
+""")
+
+
+def run_training(tmp_path, workdir, mode, kill_after_checkpoints=None, sig=None):
+    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": ""}
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(tmp_path / "data.npz"), str(workdir), mode],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if sig is not None:
+        checkpoints = workdir / "checkpoints"
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if checkpoints.exists() and len([p for p in checkpoints.iterdir() if p.name.isdigit()]) >= kill_after_checkpoints:
+                time.sleep(0.15)  # into the next epoch
+                proc.send_signal(sig)
+                break
+            time.sleep(0.01)
+    out, _ = proc.communicate(timeout=300)
+    return proc.returncode, out
+
+
+def final_params(workdir):
+    result = train.train_and_evaluate(
+        Config(model="cnn", stages=2, data_parallel=2, batch_size=8, schedule="constant", epochs=3, log_every=1,
+               eval_batch_size=32, seed=1),
+        str(workdir), resume=True, datasets=(tiny(), tiny(32)), show_progress=False)
+    assert result.summary["epochs_completed"] == 3
+    return jax.tree.leaves(result.trainer.stage_variables(result.state))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_run_resumes_to_the_same_parameters(tmp_path, sig):
+    data = tiny(128)
+    np.savez(tmp_path / "data.npz", x=data.images, y=data.labels)
+    code, out = run_training(tmp_path, tmp_path / "whole", "start")
+    assert code == 0 and "DONE" in out, out
+    code, out = run_training(tmp_path, tmp_path / "killed", "start", kill_after_checkpoints=1, sig=sig)
+    assert not (tmp_path / "killed" / "summary.json").exists() or "INTERRUPTED" in out, out
+    if sig == signal.SIGTERM:
+        assert code == 0 and "INTERRUPTED" in out, out  # finished its tick and wrote a checkpoint
+    else:
+        assert code == -signal.SIGKILL
+    code, out = run_training(tmp_path, tmp_path / "killed", "resume")
+    assert code == 0 and "DONE" in out, out
+    history = [json.loads(line) for line in open(tmp_path / "killed" / "metrics.jsonl") if '"eval"' in line]
+    assert [h["epoch"] for h in history][-3:] == [1, 2, 3] or [h["epoch"] for h in history][-2:] == [2, 3]
+    for a, b in zip(final_params(tmp_path / "whole"), final_params(tmp_path / "killed"), strict=True):
+        np.testing.assert_array_equal(a, b)
