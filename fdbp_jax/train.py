@@ -203,7 +203,11 @@ def train_and_evaluate(
         })
 
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as log, StopRequest() as stop:
-        write = lambda event: log.write(json.dumps(event) + "\n") or log.flush()
+
+        def write(event: dict) -> None:
+            log.write(json.dumps(event) + "\n")
+            log.flush()
+
         for epoch in range(position["epoch"], config.epochs):
             first = position["index"] if epoch == position["epoch"] else 0
             earlier = position["epoch_losses"] if epoch == position["epoch"] else []

@@ -139,7 +139,7 @@ def test_nonfinite_flags_follow_the_schedule_and_can_be_skipped(use_mesh):
 
 
 RUNNER = textwrap.dedent("""
-    import os, sys, jax
+    import sys, jax
     jax.config.update("jax_num_cpu_devices", 8)
     import numpy as np
     from fdbp_jax import train, data
@@ -150,20 +150,21 @@ RUNNER = textwrap.dedent("""
                     log_every=1, eval_batch_size=32, seed=1)
     result = train.train_and_evaluate(config, sys.argv[2], resume=sys.argv[3] == "resume", datasets=sets,
                                       show_progress=False)
+    np.savez(sys.argv[2] + "/final.npz", *jax.tree.leaves(result.trainer.stage_variables(result.state)))
     print("INTERRUPTED" if result.summary["interrupted_at"] else "DONE", flush=True)
 """)
 
 
-def run_training(tmp_path, workdir, mode, kill_after_checkpoints=None, sig=None):
+def run_training(data_file, workdir, mode, sig=None):
+    """Train in a subprocess; with `sig`, send it once the first checkpoint exists (early in epoch 2)."""
     env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": ""}
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(tmp_path / "data.npz"), str(workdir), mode],
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(data_file), str(workdir), mode],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if sig is not None:
-        checkpoints = workdir / "checkpoints"
-        deadline = time.time() + 240
+        checkpoints, deadline = workdir / "checkpoints", time.time() + 240
         while time.time() < deadline and proc.poll() is None:
-            if checkpoints.exists() and len([p for p in checkpoints.iterdir() if p.name.isdigit()]) >= kill_after_checkpoints:
-                time.sleep(0.15)  # into the next epoch
+            if checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+                time.sleep(0.1)
                 proc.send_signal(sig)
                 break
             time.sleep(0.01)
@@ -171,30 +172,31 @@ def run_training(tmp_path, workdir, mode, kill_after_checkpoints=None, sig=None)
     return proc.returncode, out
 
 
-def final_params(workdir):
-    result = train.train_and_evaluate(
-        Config(model="cnn", stages=2, data_parallel=2, batch_size=8, schedule="constant", epochs=3, log_every=1,
-               eval_batch_size=32, seed=1),
-        str(workdir), resume=True, datasets=(tiny(), tiny(32)), show_progress=False)
-    assert result.summary["epochs_completed"] == 3
-    return jax.tree.leaves(result.trainer.stage_variables(result.state))
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    data = tiny(128)
+    np.savez(folder / "data.npz", x=data.images, y=data.labels)
+    code, out = run_training(folder / "data.npz", folder / "run", "start")
+    assert code == 0 and "DONE" in out, out
+    return folder
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_killed_run_resumes_to_the_same_parameters(tmp_path, sig):
-    data = tiny(128)
-    np.savez(tmp_path / "data.npz", x=data.images, y=data.labels)
-    code, out = run_training(tmp_path, tmp_path / "whole", "start")
-    assert code == 0 and "DONE" in out, out
-    code, out = run_training(tmp_path, tmp_path / "killed", "start", kill_after_checkpoints=1, sig=sig)
-    assert not (tmp_path / "killed" / "summary.json").exists() or "INTERRUPTED" in out, out
+def test_killed_run_resumes_to_the_same_parameters(uninterrupted, tmp_path, sig):
+    workdir = tmp_path / "killed"
+    code, out = run_training(uninterrupted / "data.npz", workdir, "start", sig=sig)
     if sig == signal.SIGTERM:
-        assert code == 0 and "INTERRUPTED" in out, out  # finished its tick and wrote a checkpoint
+        assert code == 0 and "INTERRUPTED" in out, out  # finished its tick, wrote a checkpoint, exited
+        meta = json.load(open(workdir / "summary.json"))["interrupted_at"]
+        assert meta["epoch"] >= 1
     else:
-        assert code == -signal.SIGKILL
-    code, out = run_training(tmp_path, tmp_path / "killed", "resume")
+        assert code == -signal.SIGKILL and not (workdir / "final.npz").exists(), out
+    code, out = run_training(uninterrupted / "data.npz", workdir, "resume")
     assert code == 0 and "DONE" in out, out
-    history = [json.loads(line) for line in open(tmp_path / "killed" / "metrics.jsonl") if '"eval"' in line]
-    assert [h["epoch"] for h in history][-3:] == [1, 2, 3] or [h["epoch"] for h in history][-2:] == [2, 3]
-    for a, b in zip(final_params(tmp_path / "whole"), final_params(tmp_path / "killed"), strict=True):
-        np.testing.assert_array_equal(a, b)
+    epochs = [json.loads(line)["epoch"] for line in open(workdir / "metrics.jsonl") if '"eval"' in line]
+    assert epochs[-1] == 3 and sorted(set(epochs)) == [1, 2, 3]
+    expected, got = np.load(uninterrupted / "run" / "final.npz"), np.load(workdir / "final.npz")
+    assert len(expected.files) == len(got.files) > 0
+    for name in expected.files:
+        np.testing.assert_array_equal(expected[name], got[name])

@@ -49,7 +49,7 @@ def test_cli_end_to_end_on_mock_tfds(tmp_path, capsys):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["2", "4"]  # named by tick
 
 
-@pytest.mark.parametrize("algorithm", ["fdbp", "bp"])
+@pytest.mark.parametrize("algorithm", ["bp"])  # fdbp: test_reliability kills and resumes real runs
 def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path, algorithm):
     datasets = (tiny_cifar(48, 0), tiny_cifar(16, 1))
     config = Config(**TINY, epochs=2, algorithm=algorithm)
