@@ -45,12 +45,12 @@ class Backprop:
     """BP with `replicas` workers simulated by vmap on one device, or on every device of `mesh`."""
 
     def __init__(
-        self, stages: Sequence[Stage], loss_fn: LossFn, optimizer: optax.GradientTransformation,
+        self, stages: Sequence[Stage], loss_fn: LossFn, optimizers: Sequence[optax.GradientTransformation],
         replicas: int = 1, mesh: Mesh | None = None, skip_nonfinite: bool = False,
     ):
         self.stages = list(stages)
         self.loss_fn = loss_fn
-        self.optimizer = optimizer
+        self.optimizers = list(optimizers)  # one per stage
         self.mesh = mesh
         self.skip_nonfinite = skip_nonfinite
         self.replicas = num_devices(mesh) if mesh is not None else replicas
@@ -78,7 +78,7 @@ class Backprop:
             tick=jnp.zeros((), jnp.int32),
             params=list(params),
             model_state=list(model_state),
-            opt_state=[self.optimizer.init(p) for p in params],
+            opt_state=[o.init(p) for o, p in zip(self.optimizers, params)],
         )
         if self.mesh is not None:
             state = jax.device_put(state, NamedSharding(self.mesh, P()))
@@ -121,7 +121,7 @@ class Backprop:
         nonfinite = jnp.stack([~all_finite(g) for g in grads])
         params, opt_state = [], []
         for k, (p, o, g) in enumerate(zip(state.params, state.opt_state, grads)):
-            new_p, new_o = apply_update(self.optimizer, p, o, g)
+            new_p, new_o = apply_update(self.optimizers[k], p, o, g)
             keep = nonfinite[k] if self.skip_nonfinite else False
             params.append(select_tree(keep, p, new_p))
             opt_state.append(select_tree(keep, o, new_o))

@@ -39,6 +39,8 @@ class Config:
     log_every: int = 20
     keep_checkpoints: int = 3
     skip_nonfinite: bool = False  # skip (and count) updates with NaN/inf gradients instead of stopping
+    staleness_power: float = 0.0  # FDBP: stage k's updates scaled by (1 + delay_k)^-power (fdbp_jax.optim)
+    staleness_warmup: int = 0  # FDBP: stage k's updates ramped up over staleness_warmup * delay_k updates
 
     def to_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -93,6 +95,10 @@ def validate(config: Config) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be >= 1 (or omitted for the whole split)")
     if c.train_examples is not None and c.train_examples < c.batch_size:
         raise ValueError(f"--train-examples {c.train_examples}: fewer than one --batch-size {c.batch_size}")
+    if c.staleness_power < 0 or c.staleness_warmup < 0:
+        raise ValueError(
+            f"--staleness-power {c.staleness_power} / --staleness-warmup {c.staleness_warmup}: must be >= 0"
+        )
     if c.boundaries is not None:
         from fdbp_jax.partition import check_boundaries
 

@@ -65,12 +65,12 @@ class Emulator:
     """The FDBP contract executed on one device; the reference every engine is tested against."""
 
     def __init__(
-        self, stages: Sequence[Stage], loss_fn: LossFn, optimizer: optax.GradientTransformation,
+        self, stages: Sequence[Stage], loss_fn: LossFn, optimizers: Sequence[optax.GradientTransformation],
         shrink: float, replicas: int, skip_nonfinite: bool = False,
     ):
         self.stages = list(stages)
         self.loss_fn = loss_fn
-        self.optimizer = optimizer
+        self.optimizers = list(optimizers)  # one per stage
         self.shrink = shrink
         self.replicas = replicas
         self.skip_nonfinite = skip_nonfinite
@@ -89,7 +89,7 @@ class Emulator:
             tick=jnp.zeros((), jnp.int32),
             params=list(params),
             model_state=list(model_state),
-            opt_state=[self.optimizer.init(p) for p in params],
+            opt_state=[o.init(p) for o, p in zip(self.optimizers, params)],
             stash_inputs=[zeros((depth[k], R, *shapes[k].shape), shapes[k].dtype) for k in inner],
             stash_params=[jax.tree.map(lambda a, d=depth[k]: zeros((d, *a.shape), a.dtype), params[k]) for k in inner],
             stash_model_state=[
@@ -156,7 +156,7 @@ class Emulator:
             nonfinite.append(has_gradient & ~all_finite(grads))
             if self.skip_nonfinite:
                 has_gradient = has_gradient & ~nonfinite[-1]
-            updated_params, updated_opt = apply_update(self.optimizer, params, state.opt_state[k], grads)
+            updated_params, updated_opt = apply_update(self.optimizers[k], params, state.opt_state[k], grads)
             new["params"].append(select_tree(has_gradient, updated_params, params))
             new["opt_state"].append(select_tree(has_gradient, updated_opt, state.opt_state[k]))
             new["model_state"].append(select_tree(has_forward, replica_mean(fwd_state), model_state))

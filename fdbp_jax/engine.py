@@ -91,14 +91,14 @@ class MeshEngine:
     """FDBP on a mesh; same contract and state transitions as `Emulator`."""
 
     def __init__(
-        self, stages: Sequence[Stage], loss_fn: LossFn, optimizer: optax.GradientTransformation,
+        self, stages: Sequence[Stage], loss_fn: LossFn, optimizers: Sequence[optax.GradientTransformation],
         shrink: float, mesh: Mesh, stash: str = "recompute", skip_nonfinite: bool = False,
     ):
         if stash not in STASH_MODES:
             raise ValueError(f"stash={stash!r} is not known: use one of {STASH_MODES}")
         self.stages = list(stages)
         self.loss_fn = loss_fn
-        self.optimizer = optimizer
+        self.optimizers = list(optimizers)  # one per stage
         self.shrink = shrink
         self.mesh = mesh
         self.stash = stash
@@ -114,7 +114,7 @@ class MeshEngine:
     def init(self, variables: Sequence[dict], shapes: Sequence[jax.ShapeDtypeStruct], label: jax.ShapeDtypeStruct):
         K, N = self.num_stages, self.mesh.shape["data"]
         params, model_state = zip(*(split_variables(v) for v in variables))
-        opt_state = [self.optimizer.init(p) for p in params]
+        opt_state = [o.init(p) for o, p in zip(self.optimizers, params)]
         layouts = {name: tuple(FlatLayout.of(t) for t in trees) for name, trees in
                    (("param", params), ("state", model_state), ("opt", opt_state))}
         boundaries = shapes[1:K]
@@ -336,7 +336,7 @@ class MeshEngine:
         plan = self.plan
         layout = plan.param_layouts[k]
         new_params, new_opt = apply_update(
-            self.optimizer, layout.unpack(params), plan.opt_layouts[k].unpack(opt_state), layout.unpack(grads)
+            self.optimizers[k], layout.unpack(params), plan.opt_layouts[k].unpack(opt_state), layout.unpack(grads)
         )
         return layout.pack(new_params, plan.param_sizes), plan.opt_layouts[k].pack(new_opt, plan.opt_sizes)
 

@@ -26,6 +26,7 @@ from fdbp_jax.checkpoint import Checkpoints
 from fdbp_jax.config import PRESETS, RESUMABLE_CHANGES, Config, validate
 from fdbp_jax.mesh import make_mesh
 from fdbp_jax.models import model_blocks, split_model
+from fdbp_jax.optim import staleness_aware
 from fdbp_jax.partition import block_costs, describe_split, linear_partition
 from fdbp_jax.trainer import Trainer
 
@@ -183,8 +184,11 @@ def train_and_evaluate(
         raise ValueError(f"--batch-size {config.batch_size}: larger than the {len(train_data)} training examples")
     ticks = data_lib.ticks_per_epoch(len(train_data), config.batch_size)
     boundaries, _, _ = choose_boundaries(config, blocks, config.batch_size // config.data_parallel)
+    optimizer = make_optimizer(config, ticks)
+    if config.algorithm == "fdbp" and (config.staleness_power or config.staleness_warmup):
+        optimizer = staleness_aware(optimizer, config.stages, config.staleness_power, config.staleness_warmup)
     trainer = Trainer(
-        split_model(blocks, boundaries), cross_entropy, make_optimizer(config, ticks), mesh=mesh,
+        split_model(blocks, boundaries), cross_entropy, optimizer, mesh=mesh,
         algorithm=config.algorithm, shrink=config.shrink, skip_nonfinite=config.skip_nonfinite,
     )
     state = trainer.init(jax.random.key(config.seed), np.zeros((config.batch_size, *IMAGE_SHAPE), np.float32))
@@ -313,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--boundaries", type=lambda s: tuple(int(v) for v in s.split(",") if v), help="e.g. 10,19,28")
     add("--skip-nonfinite", action="store_true", default=None,
         help="skip (and count) updates whose gradient has NaN/inf instead of stopping with exit code 3")
+    add("--staleness-power", type=float, help="FDBP: scale stage k's updates by (1 + delay_k)^-power")
+    add("--staleness-warmup", type=int, help="FDBP: ramp stage k's updates up over this many updates per tick of delay")
     add("--keep-checkpoints", type=int, help="how many recent checkpoints to keep (default 3)")
     add("--eval-batch-size", type=int)
     add("--log-every", type=int)

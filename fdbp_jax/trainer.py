@@ -34,7 +34,7 @@ class Trainer:
         self,
         stages: Sequence[nn.Module],
         loss_fn: LossFn,
-        optimizer: optax.GradientTransformation,
+        optimizer: optax.GradientTransformation | Sequence[optax.GradientTransformation],
         mesh: Mesh | None = None,
         algorithm: str = "fdbp",
         shrink: float = 1.0,
@@ -54,6 +54,11 @@ class Trainer:
         if replicas is not None and (not isinstance(replicas, int) or replicas < 1):
             raise ValueError(f"replicas={replicas!r} must be a positive integer")
         self.stages = [Stage(m) for m in stages]
+        optimizers = [optimizer] * len(stages) if isinstance(optimizer, optax.GradientTransformation) else list(optimizer)
+        if len(optimizers) != len(stages) or not all(isinstance(o, optax.GradientTransformation) for o in optimizers):
+            raise ValueError(
+                f"optimizer must be one optax.GradientTransformation or a list of {len(stages)} (one per stage)"
+            )
         self.algorithm = algorithm
         self.mesh = mesh
         if mesh is not None:
@@ -65,12 +70,12 @@ class Trainer:
             self.replicas = replicas or 1
         if algorithm == "bp":
             self.engine: Any = Backprop(
-                self.stages, loss_fn, optimizer, replicas=self.replicas, mesh=mesh, skip_nonfinite=skip_nonfinite
+                self.stages, loss_fn, optimizers, replicas=self.replicas, mesh=mesh, skip_nonfinite=skip_nonfinite
             )
         elif mesh is None:
-            self.engine = Emulator(self.stages, loss_fn, optimizer, float(shrink), self.replicas, skip_nonfinite)
+            self.engine = Emulator(self.stages, loss_fn, optimizers, float(shrink), self.replicas, skip_nonfinite)
         else:
-            self.engine = MeshEngine(self.stages, loss_fn, optimizer, float(shrink), mesh, stash, skip_nonfinite)
+            self.engine = MeshEngine(self.stages, loss_fn, optimizers, float(shrink), mesh, stash, skip_nonfinite)
         self._batch: tuple | None = None
 
     @property
