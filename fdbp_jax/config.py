@@ -39,6 +39,7 @@ class Config:
     log_every: int = 20
     keep_checkpoints: int = 3
     skip_nonfinite: bool = False  # skip (and count) updates with NaN/inf gradients instead of stopping
+    emulate: bool = False  # run on one device: the FDBP emulator / BP with data_parallel simulated replicas
     staleness_power: float = 0.0  # FDBP: stage k's updates scaled by (1 + delay_k)^-power (fdbp_jax.optim)
     staleness_warmup: int = 0  # FDBP: stage k's updates ramped up over staleness_warmup * delay_k updates
 

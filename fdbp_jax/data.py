@@ -61,6 +61,37 @@ def load_tfds(
     )
 
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def load_jpeg_tarball(path: str, split: str, examples: int | None = None) -> ArrayDataset:
+    """CIFAR-10 from a tar.gz of `<split>/<class>/NNNN.jpg` files (the copy that travels to machines
+    without TFDS data), decoded with pillow, sorted by class then file name (`examples`: a fixed
+    random subset, kept in that order)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    files = {}
+    with tarfile.open(path, "r:gz") as archive:
+        for member in archive:  # one sequential pass: random access into a .gz re-decompresses
+            name = member.name.lstrip("./")
+            if member.isfile() and name.startswith(f"{split}/") and name.endswith(".jpg"):
+                files[name] = archive.extractfile(member).read()
+    if not files:
+        raise DatasetUnavailable(f"{path} holds no {split}/<class>/*.jpg files")
+    names = sorted(files)
+    if examples is not None:
+        names = [names[i] for i in sorted(np.random.default_rng(0).permutation(len(names))[:examples])]
+    images, labels = [], []
+    for name in names:
+        labels.append(CIFAR10_CLASSES.index(name.split("/")[1]))
+        with Image.open(io.BytesIO(files[name])) as image:
+            images.append(np.asarray(image.convert("RGB"), np.uint8))
+    return ArrayDataset(np.stack(images), np.asarray(labels, np.int32))
+
+
 def _read(source, count: int) -> list:
     """The first `count` records; batched where the source supports it (tfds.testing.mock_data's
     sources only read one record at a time)."""

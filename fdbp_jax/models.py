@@ -1,5 +1,6 @@
 """Models as flat sequences of blocks (stem, residual blocks, head), so they can be cut into K
-contiguous stages: CIFAR ResNet-20/32/44/56/110 (He et al. 2016) and a small fast CNN."""
+contiguous stages: CIFAR ResNet-20/32/44/56/110 (He et al. 2016), WRN-28-10 (Zagoruyko & Komodakis
+2016; its head here omits the final BN-ReLU of the original) and a small fast CNN."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 RESNET_DEPTHS = (20, 32, 44, 56, 110)
-MODELS = tuple(f"resnet{d}" for d in RESNET_DEPTHS) + ("cnn",)
+MODELS = tuple(f"resnet{d}" for d in RESNET_DEPTHS) + ("wrn28_10", "cnn")
 
 
 class ConvBN(nn.Module):
@@ -44,6 +45,23 @@ class BasicBlock(nn.Module):
         return nn.relu(y + shortcut)
 
 
+class WideBlock(nn.Module):
+    """Pre-activation wide residual block (Zagoruyko & Komodakis 2016), 1x1 conv shortcut on a change."""
+
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
+        h = nn.relu(bn()(x))
+        y = nn.Conv(self.features, (3, 3), strides=self.strides, use_bias=False)(h)
+        y = nn.Conv(self.features, (3, 3), use_bias=False)(nn.relu(bn()(y)))
+        if self.strides != 1 or x.shape[-1] != self.features:
+            x = nn.Conv(self.features, (1, 1), strides=self.strides, use_bias=False)(h)
+        return x + y
+
+
 class Head(nn.Module):
     """Global average pool and the classifier."""
 
@@ -62,7 +80,7 @@ class Blocks(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         for block in self.blocks:
-            x = block(x, train) if not isinstance(block, Head) else block(x)
+            x = block(x, train) if isinstance(block, (ConvBN, BasicBlock, WideBlock)) else block(x)
         return x
 
 
@@ -71,6 +89,11 @@ def model_blocks(name: str, classes: int = 10) -> list[nn.Module]:
     if name == "cnn":
         widths = [(16, 1), (32, 2), (32, 1), (64, 2), (64, 1)]
         return [ConvBN(w, s) for w, s in widths] + [Head(classes)]
+    if name == "wrn28_10":
+        blocks = [nn.Conv(16, (3, 3), use_bias=False)]
+        for group, width in enumerate((160, 320, 640)):
+            blocks += [WideBlock(width, 2 if group > 0 and i == 0 else 1) for i in range(4)]
+        return blocks + [Head(classes)]
     if name.startswith("resnet") and name[6:].isdigit() and int(name[6:]) in RESNET_DEPTHS:
         per_group = (int(name[6:]) - 2) // 6
         blocks: list[nn.Module] = [ConvBN(16)]

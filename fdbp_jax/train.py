@@ -169,7 +169,7 @@ def train_and_evaluate(
     summary.json. Raises ValueError for bad settings and Diverged for a non-finite gradient."""
     validate(config)
     blocks = model_blocks(config.model)
-    mesh = make_mesh(config.data_parallel, config.stages)
+    mesh = None if config.emulate else make_mesh(config.data_parallel, config.stages)
     prepare_workdir(workdir, resume, overwrite)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     if resume:
@@ -190,6 +190,7 @@ def train_and_evaluate(
     trainer = Trainer(
         split_model(blocks, boundaries), cross_entropy, optimizer, mesh=mesh,
         algorithm=config.algorithm, shrink=config.shrink, skip_nonfinite=config.skip_nonfinite,
+        replicas=config.data_parallel if config.emulate else None,
     )
     state = trainer.init(jax.random.key(config.seed), np.zeros((config.batch_size, *IMAGE_SHAPE), np.float32))
     position = {"epoch": 0, "index": 0, "history": [], "wall_time_s": 0.0, "epoch_losses": [], "skipped_updates": 0}
@@ -285,7 +286,7 @@ def train_and_evaluate(
         "history": history,
         "config": config.to_json(),
         "jax_version": jax.__version__,
-        "devices": [str(d) for d in mesh.devices.flat],
+        "devices": [str(d) for d in (mesh.devices.flat if mesh is not None else jax.devices()[:1])],
         "platform": jax.default_backend(),
     }
     with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -317,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--boundaries", type=lambda s: tuple(int(v) for v in s.split(",") if v), help="e.g. 10,19,28")
     add("--skip-nonfinite", action="store_true", default=None,
         help="skip (and count) updates whose gradient has NaN/inf instead of stopping with exit code 3")
+    add("--emulate", action="store_true", default=None,
+        help="run on one device (the FDBP emulator, or BP) simulating --data-parallel replicas")
     add("--staleness-power", type=float, help="FDBP: scale stage k's updates by (1 + delay_k)^-power")
     add("--staleness-warmup", type=int, help="FDBP: ramp stage k's updates up over this many updates per tick of delay")
     add("--keep-checkpoints", type=int, help="how many recent checkpoints to keep (default 3)")
@@ -354,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
-        devices = max(1, config.stages) * max(1, config.data_parallel)
+        devices = 1 if config.emulate else max(1, config.stages) * max(1, config.data_parallel)
         simulate_devices(devices)
         if jax.default_backend() == "cpu" and devices > 1 and not args.show_split:
             print(f"fdbp-train: no accelerator, simulating {devices} CPU devices (data={config.data_parallel} x "

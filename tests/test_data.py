@@ -72,3 +72,24 @@ def test_reads_real_cifar10_through_tfds():
     assert data.images.shape == (64, 32, 32, 3) and data.images.dtype == np.uint8
     assert data.labels.dtype == np.int32 and set(data.labels) <= set(range(10)) and len(set(data.labels)) > 3
     assert 60 < data.images.mean() < 200
+
+
+def test_jpeg_tarball_reader(tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    path = tmp_path / "mini.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        for split, cls, i in [("train", "cat", 0), ("train", "ship", 1), ("test", "frog", 0)]:
+            buffer = io.BytesIO()
+            Image.fromarray(np.full((32, 32, 3), 40 * (i + 1), np.uint8)).save(buffer, format="JPEG", quality=95)
+            info = tarfile.TarInfo(f"{split}/{cls}/{i:04d}.jpg")
+            info.size = len(buffer.getvalue())
+            archive.addfile(info, io.BytesIO(buffer.getvalue()))
+    train = data_lib.load_jpeg_tarball(str(path), "train")
+    assert train.images.shape == (2, 32, 32, 3) and list(train.labels) == [3, 8]
+    assert abs(int(train.images[1].mean()) - 80) <= 2
+    with pytest.raises(data_lib.DatasetUnavailable, match="holds no val"):
+        data_lib.load_jpeg_tarball(str(path), "val")

@@ -1,0 +1,202 @@
+"""Engine overhead, memory, traffic and the speed model, measured on the 8-device CPU mesh.
+
+    python experiments/bench_engine.py [--steps 20] [--batch 128] [--out runs/bench]
+
+For ResNet-20 and an MLP: wall time per training example of one FDBP tick on a (2, 4) mesh (both
+stash modes) against one BP step on (8, 1) and on (2, 4), all in this process, median of --steps
+steps after warm-up; the tick's compile time and per-device memory; the stash's growth with K; the
+bytes sent between stages per tick; and the speed model's predicted vs measured tick. Writes
+<out>/bench.json. The last line printed is the ResNet-20 ratio FDBP (default stash) / best BP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import flax.linen as nn  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fdbp_jax as fj  # noqa: E402
+from fdbp_jax import models, partition, perf  # noqa: E402
+from fdbp_jax.stages import Stage  # noqa: E402
+from fdbp_jax.train import cross_entropy  # noqa: E402
+
+
+class Dense(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(nn.Dense(self.features)(x.reshape(x.shape[0], -1)))
+
+
+
+class Classifier(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(10)(x)
+
+
+def model_blocks(name: str) -> list[nn.Module]:
+    """An MLP (7 x Dense 1024) or one of the library's models, as a block sequence."""
+    if name == "mlp":
+        return [Dense(1024) for _ in range(7)] + [Classifier()]
+    return models.model_blocks(name)
+
+
+def timed_steps(trainer, x, y, steps: int) -> tuple[float, float, object]:
+    """(compile seconds, median seconds per step, state)."""
+    state = trainer.init(jax.random.key(0), x)
+    start = time.perf_counter()
+    state, _ = trainer.step(state, x, y)
+    jax.block_until_ready(state)
+    compile_s = time.perf_counter() - start
+    for _ in range(3):
+        state, _ = trainer.step(state, x, y)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, _ = trainer.step(state, x, y)
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - start)
+    return compile_s, statistics.median(times), state
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a pytree of sharded arrays."""
+    return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(tree))
+
+
+def engine_memory(trainer, state, x, y) -> dict:
+    engine = trainer.engine
+    sharding = jax.sharding.NamedSharding(engine.mesh, jax.sharding.PartitionSpec("data"))
+    compiled = engine._step.lower(state, jax.device_put(x, sharding), jax.device_put(y, sharding)).compile()
+    analysis = compiled.memory_analysis()
+    plan = engine.plan
+    real = [int(np.prod(s.shape[1:])) for s in plan.in_shapes[1:-1]]
+    local_batch = plan.in_shapes[0].shape[0]
+    return {
+        "params": per_device_bytes(state.params),
+        "optimizer_state": per_device_bytes(state.opt_state),
+        "model_state": per_device_bytes(state.model_state),
+        "stash": per_device_bytes((state.stash, state.stash_params, state.stash_model_state)),
+        "messages": per_device_bytes((state.act_msg, state.grad_msg, state.label_msg)),
+        "temporaries": int(getattr(analysis, "temp_size_in_bytes", 0)),
+        "bytes_sent_per_tick_per_device": 2 * local_batch * plan.message_width * plan.message_dtype.itemsize,
+        "message_padding_share": 1 - (sum(real) / len(real)) / plan.message_width if real else 0.0,
+    }
+
+
+def stage_costs(blocks, boundaries, local_batch: int, steps: int = 5) -> list[perf.StageCost]:
+    """Measured per-example forward and backward seconds of each stage on one device."""
+    stages = models.split_model(blocks, boundaries)
+    h = jax.ShapeDtypeStruct((local_batch, 32, 32, 3), jnp.float32)
+    costs = []
+    for module in stages:
+        stage = Stage(module)
+        x = jnp.asarray(np.random.default_rng(0).normal(size=h.shape), h.dtype)
+        variables = stage.init(jax.random.key(0), x)
+        params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+        fwd = jax.jit(lambda p, x_: stage.apply(p, state, x_, train=True)[0])
+        out = fwd(params, x)
+
+        def both(p, x_):
+            y_, vjp = jax.vjp(lambda p_, xx: stage.apply(p_, state, xx, train=True)[0], p, x_)
+            return vjp(jnp.ones_like(y_))
+
+        fwd_bwd = jax.jit(both)
+        seconds = []
+        for fn in (fwd, fwd_bwd):
+            jax.block_until_ready(fn(params, x))
+            samples = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                jax.block_until_ready(fn(params, x))
+                samples.append(time.perf_counter() - start)
+            seconds.append(statistics.median(samples) / local_batch)
+        costs.append(perf.StageCost(seconds[0], max(seconds[1] - seconds[0], 0.0), out[0].size * 4,
+                                    sum(a.size * 4 for a in jax.tree.leaves(params))))
+        h = jax.ShapeDtypeStruct(out.shape, out.dtype)
+    return costs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--models", default="mlp,resnet20")
+    p.add_argument("--out", default="runs/bench")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, 10, args.batch).astype(np.int32)
+    results, ratio = {}, None
+    for name in args.models.split(","):
+        blocks = model_blocks(name)
+        local = jax.ShapeDtypeStruct((args.batch // 2, 32, 32, 3), jnp.float32)
+        flops, _ = partition.block_costs(blocks, local)
+        cut = partition.linear_partition(flops, 4)
+        stages = models.split_model(blocks, cut)
+        opt = optax.sgd(0.05, momentum=0.9)
+        row = {"boundaries": cut, "balance": partition.balance(flops, cut)}
+        runs = {
+            "bp (8,1)": fj.Trainer(stages, cross_entropy, opt, mesh=fj.make_mesh(8, 1), algorithm="bp"),
+            "bp (2,4)": fj.Trainer(stages, cross_entropy, opt, mesh=fj.make_mesh(2, 4), algorithm="bp"),
+            "fdbp (2,4) recompute": fj.Trainer(stages, cross_entropy, opt, mesh=fj.make_mesh(2, 4), stash="recompute"),
+            "fdbp (2,4) residuals": fj.Trainer(stages, cross_entropy, opt, mesh=fj.make_mesh(2, 4), stash="residuals"),
+        }
+        for label, trainer in runs.items():
+            compile_s, step_s, state = timed_steps(trainer, x, y, args.steps)
+            row[label] = {"compile_s": compile_s, "step_s": step_s, "us_per_example": 1e6 * step_s / args.batch}
+            if label.startswith("fdbp"):
+                row[label]["memory"] = engine_memory(trainer, state, x, y)
+            print(f"{name:9s} {label:22s} compile {compile_s:6.1f} s  {1e6 * step_s / args.batch:8.1f} us/example",
+                  flush=True)
+        best_bp = min(row["bp (8,1)"]["step_s"], row["bp (2,4)"]["step_s"])
+        for mode in ("recompute", "residuals"):
+            row[f"ratio {mode}"] = row[f"fdbp (2,4) {mode}"]["step_s"] / best_bp
+        stash_growth = {}
+        for K in (2, 4, 8):
+            if K > len(blocks):
+                continue
+            cut_k = partition.linear_partition(flops, K)
+            trainer = fj.Trainer(models.split_model(blocks, cut_k), cross_entropy, opt, mesh=fj.make_mesh(1, K))
+            state = trainer.init(jax.random.key(0), x)
+            stash_growth[K] = per_device_bytes((state.stash, state.stash_params, state.stash_model_state))
+        row["stash_bytes_per_device_by_K (N=1)"] = stash_growth
+        costs = stage_costs(blocks, cut, args.batch // 2)
+        predicted = perf.shared_cores_tick_time(costs, args.batch, 2, cores=os.cpu_count())
+        measured = row["fdbp (2,4) recompute"]["step_s"]
+        row["model"] = {"predicted_tick_s": predicted, "measured_tick_s": measured,
+                        "relative_error": (predicted - measured) / measured,
+                        "stage_costs": [vars(c) for c in costs]}
+        print(f"{name:9s} speed model: predicted tick {predicted * 1e3:.1f} ms, measured {measured * 1e3:.1f} ms "
+              f"({100 * (predicted - measured) / measured:+.0f}%)", flush=True)
+        results[name] = row
+        ratio = row["ratio recompute"] if name == "resnet20" else ratio
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    for name, row in results.items():
+        print(f"{name}: FDBP/BP time per example = {row['ratio recompute']:.3f} (recompute), "
+              f"{row['ratio residuals']:.3f} (residuals)")
+    if ratio is not None:
+        print(f"resnet20 FDBP (2,4) / best BP per-example time ratio: {ratio:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
