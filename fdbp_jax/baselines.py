@@ -16,6 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fdbp_jax.distributed import place, to_host
 from fdbp_jax.emulator import replica_mean, split_replicas
 from fdbp_jax.mesh import MESH_AXES, num_devices
 from fdbp_jax.stages import (
@@ -81,17 +82,17 @@ class Backprop:
             opt_state=[o.init(p) for o, p in zip(self.optimizers, params)],
         )
         if self.mesh is not None:
-            state = jax.device_put(state, NamedSharding(self.mesh, P()))
+            state = place(state, jax.tree.map(lambda _: NamedSharding(self.mesh, P()), state))
         return state
 
     def step(self, state: BackpropState, x, y):
         if self.mesh is not None:
-            x = jax.device_put(x, NamedSharding(self.mesh, ALL_DEVICES))
-            y = jax.device_put(y, NamedSharding(self.mesh, ALL_DEVICES))
+            x = place(x, NamedSharding(self.mesh, ALL_DEVICES))
+            y = place(y, NamedSharding(self.mesh, ALL_DEVICES))
         return self._step(state, x, y)
 
     def stage_variables(self, state: BackpropState) -> list[dict]:
-        return jax.device_get([join_variables(p, s) for p, s in zip(state.params, state.model_state)])
+        return to_host([join_variables(p, s) for p, s in zip(state.params, state.model_state)])
 
     def predict(self, state: BackpropState, x) -> jax.Array:
         if self.mesh is None:
@@ -99,8 +100,8 @@ class Backprop:
         x = np.asarray(x)
         pad = (-x.shape[0]) % self.replicas
         padded = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
-        logits = self._predict(state.params, state.model_state, jax.device_put(padded, NamedSharding(self.mesh, ALL_DEVICES)))
-        return logits[: x.shape[0]]
+        logits = self._predict(state.params, state.model_state, place(padded, NamedSharding(self.mesh, ALL_DEVICES)))
+        return to_host(logits)[: x.shape[0]]
 
     def _predict_fn(self, params, model_state, x):
         return predict_stages(self.stages, [join_variables(p, s) for p, s in zip(params, model_state)], x)

@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from fdbp_jax import schedule
 from fdbp_jax.canonical_conv import canonical_convolutions
+from fdbp_jax.distributed import place, to_host
 from fdbp_jax.flat import FlatLayout, pad_rows, padded_sizes, stack_packed, unpad_rows
 from fdbp_jax.stages import (
     LossFn,
@@ -156,7 +157,7 @@ class MeshEngine:
         self._step = jax.jit(
             jax.shard_map(
                 self._local_tick, mesh=self.mesh, in_specs=(specs, P("data"), P("data")),
-                out_specs=(specs, STAGE, STAGE, P()), check_vma=False,
+                out_specs=(specs, P(), P(), P()), check_vma=False,
             ),
             donate_argnums=0,
         )
@@ -166,7 +167,7 @@ class MeshEngine:
                 out_specs=STAGE_DATA, check_vma=False,
             )
         )
-        return jax.device_put(state, self.shardings(specs))
+        return place(state, self.shardings(specs))
 
     def _weight_stash(self, packed: dict, depth: int) -> dict:
         if self.stash != "recompute":
@@ -206,14 +207,13 @@ class MeshEngine:
         return jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
 
     def step(self, state: EngineState, x, y):
-        x = jax.device_put(x, NamedSharding(self.mesh, P("data")))
-        y = jax.device_put(y, NamedSharding(self.mesh, P("data")))
-        state, losses, nonfinite, tick = self._step(state, x, y)
-        return state, {"loss": losses[-1], "tick": tick, "nonfinite": nonfinite}
+        batch = NamedSharding(self.mesh, P("data"))
+        state, loss, nonfinite, tick = self._step(state, place(x, batch), place(y, batch))
+        return state, {"loss": loss, "tick": tick, "nonfinite": nonfinite}
 
     def stage_variables(self, state: EngineState) -> list[dict]:
         plan = self.plan
-        params, model_state = jax.device_get((state.params, state.model_state))
+        params, model_state = to_host((state.params, state.model_state))
         return [
             join_variables(
                 plan.param_layouts[k].unpack({d: v[k] for d, v in params.items()}),
@@ -227,8 +227,8 @@ class MeshEngine:
         x = np.asarray(x)
         pad = (-x.shape[0]) % N
         padded = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
-        logits = self._predict(state.params, state.model_state, jax.device_put(padded, NamedSharding(self.mesh, P("data"))))
-        return logits[-1, : x.shape[0]]
+        logits = self._predict(state.params, state.model_state, place(padded, NamedSharding(self.mesh, P("data"))))
+        return to_host(logits)[-1, : x.shape[0]]
 
     # ---- inside shard_map: local blocks of one device --------------------------------------
 
@@ -283,8 +283,10 @@ class MeshEngine:
         )
         # every per-stage leaf gets back its leading (local size 1) "stage" axis
         new_state = jax.tree.map(lambda a: a[None], new_state.replace(tick=None)).replace(tick=t + 1)
-        loss = jnp.where((stage_index == K - 1) & (t >= K - 1), loss, jnp.nan)
-        return new_state, loss[None], nonfinite[None], t
+        # metrics replicated on every device, so every process can read them
+        loss = jax.lax.psum(jnp.where(stage_index == K - 1, loss, 0.0), "stage")
+        loss = jnp.where(t >= K - 1, loss, jnp.nan)
+        return new_state, loss, jax.lax.all_gather(nonfinite, "stage"), t
 
     def _stage_work(self, k, params, model_state, x, y, act_in, labels_in, grad_in, used_entry, used_params, used_state):
         """Stage k's forward and its gradient this tick (one replica); outputs padded to common shapes."""

@@ -22,6 +22,7 @@ import optax
 from tqdm import tqdm
 
 from fdbp_jax import data as data_lib
+from fdbp_jax import distributed
 from fdbp_jax.checkpoint import Checkpoints
 from fdbp_jax.config import PRESETS, RESUMABLE_CHANGES, Config, validate
 from fdbp_jax.mesh import make_mesh
@@ -207,7 +208,9 @@ def train_and_evaluate(
             "epoch_losses": epoch_losses, "skipped_updates": skipped,
         })
 
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as log, StopRequest() as stop:
+    main_process = jax.process_index() == 0  # writes metrics and summary; every process checkpoints
+    metrics_path = os.path.join(workdir, "metrics.jsonl") if main_process else os.devnull
+    with open(metrics_path, "a") as log, StopRequest() as stop:
 
         def write(event: dict) -> None:
             log.write(json.dumps(event) + "\n")
@@ -227,7 +230,7 @@ def train_and_evaluate(
                 flags.append(metrics["nonfinite"])
                 done = index + 1
                 if done % config.log_every == 0 or done == ticks or stop.signal is not None:
-                    bad = np.asarray(jax.device_get(flags[checked:]))
+                    bad = np.asarray(distributed.to_host(flags[checked:]))
                     checked = len(flags)
                     if bad.any() and not config.skip_nonfinite:
                         row, stage = np.argwhere(bad)[0]
@@ -241,7 +244,7 @@ def train_and_evaluate(
                             + ". Lower --lr, add --warmup-epochs or a --shrink below 1, or pass --skip-nonfinite"
                         )
                     skipped += int(bad.sum())
-                    recent = np.asarray(jax.device_get(losses[-config.log_every :]), np.float64)
+                    recent = np.asarray(distributed.to_host(losses[-config.log_every :]), np.float64)
                     rate = (done - first) * config.batch_size / (time.time() - epoch_start)
                     loss = float(np.nanmean(recent)) if np.isfinite(recent).any() else None
                     write({"event": "train", "epoch": epoch + 1, "tick": epoch * ticks + done, "loss": loss,
@@ -249,14 +252,14 @@ def train_and_evaluate(
                     bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "warm-up", img_s=f"{rate:.0f}")
                 if stop.signal is not None and done < ticks:
                     interrupted = (epoch, done)
-                    save(epoch, done, earlier + _floats(jax.device_get(losses)))
+                    save(epoch, done, earlier + _floats(distributed.to_host(losses)))
                     break
             if interrupted:
                 break
             epoch_seconds = time.time() - epoch_start
             train_seconds += epoch_seconds
             train_images += (ticks - first) * config.batch_size
-            epoch_losses = np.asarray(earlier + _floats(jax.device_get(losses)), np.float64)
+            epoch_losses = np.asarray(earlier + _floats(distributed.to_host(losses)), np.float64)
             accuracy = evaluate(trainer, state, eval_data, config.eval_batch_size)
             history.append({
                 "epoch": epoch + 1, "tick": (epoch + 1) * ticks, "test_accuracy": accuracy,
@@ -265,7 +268,8 @@ def train_and_evaluate(
                 "wall_time_s": previous_wall + time.time() - started,
             })
             write({"event": "eval", **history[-1]})
-            print(f"epoch {epoch + 1}/{config.epochs}: train loss {history[-1]['train_loss']}, "
+            print(f"[process {jax.process_index()}] " * (jax.process_count() > 1) +
+                  f"epoch {epoch + 1}/{config.epochs}: train loss {history[-1]['train_loss']}, "
                   f"test accuracy {accuracy:.4f}, {history[-1]['images_per_s']:.0f} images/s", flush=True)
             save(epoch + 1, 0, [])
             if stop.signal is not None:
@@ -289,8 +293,9 @@ def train_and_evaluate(
         "devices": [str(d) for d in (mesh.devices.flat if mesh is not None else jax.devices()[:1])],
         "platform": jax.default_backend(),
     }
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if main_process:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     return RunResult(summary, trainer, state)
 
 
@@ -325,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--keep-checkpoints", type=int, help="how many recent checkpoints to keep (default 3)")
     add("--eval-batch-size", type=int)
     add("--log-every", type=int)
+    add("--coordinator-address", help="multi-host: host:port of process 0 (else from the cluster's environment)")
+    add("--num-processes", type=int, help="multi-host: number of processes")
+    add("--process-id", type=int, help="multi-host: this process's index")
     add("--workdir", default="runs/latest")
     add("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
     add("--overwrite", action="store_true", help="replace a run already in --workdir")
@@ -358,7 +366,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         devices = 1 if config.emulate else max(1, config.stages) * max(1, config.data_parallel)
-        simulate_devices(devices)
+        processes = args.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+        simulate_devices(max(1, devices // processes))
+        if args.coordinator_address or processes > 1:
+            distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
         if jax.default_backend() == "cpu" and devices > 1 and not args.show_split:
             print(f"fdbp-train: no accelerator, simulating {devices} CPU devices (data={config.data_parallel} x "
                   f"stage={config.stages}) on {os.cpu_count()} cores", flush=True)

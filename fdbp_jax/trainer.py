@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -113,7 +114,9 @@ class Trainer:
                 f"batch shapes x{tuple(x.shape)}, y{tuple(y.shape)} differ from init's x{tuple(x_shape)}, "
                 f"y{tuple(y_shape)}: every tick takes a global batch of the size given to init"
             )
-        return self.engine.step(state, jnp.asarray(x, x_dtype), jnp.asarray(y, y_dtype))
+        # host batches stay on the host until the engine places each part on the devices that use it
+        as_input = lambda a, dtype: a.astype(dtype) if isinstance(a, jax.Array) else np.asarray(a, dtype)
+        return self.engine.step(state, as_input(x, x_dtype), as_input(y, y_dtype))
 
     def stage_variables(self, state) -> list[dict]:
         """The K stages' flax variable dicts (same structure as init), as host arrays."""

@@ -25,7 +25,7 @@ SMALL = ["--model", "cnn", "--stages", "2", "--data-parallel", "2", "--batch-siz
 
 # (flags, what the one-line message must say)
 BAD_INPUT = [
-    (["--model", "vgg"], "--model vgg: unknown; valid: resnet20, resnet32, resnet44, resnet56, resnet110, cnn"),
+    (["--model", "vgg"], "--model vgg: unknown; valid: resnet20, resnet32, resnet44, resnet56, resnet110, wrn28_10, cnn"),
     (["--dataset", "mnist"], "--dataset mnist: unknown; valid: cifar10"),
     (["--schedule", "linear"], "--schedule linear: unknown; valid: constant, step, cosine"),
     (["--algorithm", "sgd"], "--algorithm sgd: unknown; valid: fdbp, bp"),
