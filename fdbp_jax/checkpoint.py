@@ -44,14 +44,20 @@ class Checkpoints:
 
     def restore_latest(self, like: Any) -> tuple[Any, dict, int]:
         """Restore the newest checkpoint that reads back whole; a corrupted or truncated one is reported
-        on stderr and the one before it is used."""
+        on stderr, the one before it is used, and the unreadable one is removed so training can
+        write that step again."""
+        unreadable = []
         for step in reversed(self.all_steps()):
             try:
                 state, meta = self.restore(step, like)
-                return state, meta, step
             except Exception as err:  # orbax/tensorstore raise many types for damaged files
                 print(f"fdbp-train: checkpoint {step} in {self.manager.directory} is unreadable "
                       f"({type(err).__name__}); trying the one before it", file=sys.stderr)
+                unreadable.append(step)
+                continue
+            for bad in unreadable:
+                self.manager.delete(bad)
+            return state, meta, step
         raise ValueError(f"--resume: no readable checkpoint in {self.manager.directory}")
 
     def close(self) -> None:

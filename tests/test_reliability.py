@@ -200,3 +200,18 @@ def test_killed_run_resumes_to_the_same_parameters(uninterrupted, tmp_path, sig)
     assert len(expected.files) == len(got.files) > 0
     for name in expected.files:
         np.testing.assert_array_equal(expected[name], got[name])
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
+    datasets = (tiny(32), tiny(32, 1))
+    config = Config(**TINY, epochs=2, lr=0.05)
+    train.train_and_evaluate(config, str(tmp_path), datasets=datasets, show_progress=False)
+    latest = tmp_path / "checkpoints" / "4"
+    for path in (latest / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(b"")  # truncated on disk
+    resumed = train.train_and_evaluate(Config(**TINY, epochs=2, lr=0.05), str(tmp_path), resume=True,
+                                       datasets=datasets, show_progress=False)
+    err = capsys.readouterr().err
+    assert "checkpoint 4 in" in err and "is unreadable" in err
+    assert [h["epoch"] for h in resumed.summary["history"]] == [1, 2]  # epoch 2 was trained again from tick 2
