@@ -39,6 +39,7 @@ def load_tfds(
 
     if name not in DATASETS:
         raise ValueError(f"dataset {name!r} is not supported: use one of {DATASETS}")
+    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None  # read now: tfds reads it once, at import
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
         try:
