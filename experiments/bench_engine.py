@@ -58,21 +58,7 @@ def model_blocks(name: str) -> list[nn.Module]:
 
 def timed_steps(trainer, x, y, steps: int) -> tuple[float, float, object]:
     """(compile seconds, median seconds per step, state)."""
-    state = trainer.init(jax.random.key(0), x)
-    start = time.perf_counter()
-    state, _ = trainer.step(state, x, y)
-    jax.block_until_ready(state)
-    compile_s = time.perf_counter() - start
-    for _ in range(3):
-        state, _ = trainer.step(state, x, y)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, _ = trainer.step(state, x, y)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - start)
-    return compile_s, statistics.median(times), state
+    return perf.time_steps(trainer, trainer.init(jax.random.key(0), x), x, y, steps)
 
 
 def per_device_bytes(tree) -> int:

@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -22,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fdbp_jax import data as data_lib  # noqa: E402
+from fdbp_jax import perf  # noqa: E402
 from fdbp_jax.config import Config  # noqa: E402
 from fdbp_jax.models import model_blocks, split_model  # noqa: E402
 from fdbp_jax.train import choose_boundaries, cross_entropy, make_optimizer, train_and_evaluate  # noqa: E402
@@ -35,17 +35,8 @@ def images_per_s(config: Config, steps: int = 30) -> float:
                       algorithm=config.algorithm)
     x = np.random.default_rng(0).normal(size=(config.batch_size, 32, 32, 3)).astype(np.float32)
     y = np.zeros(config.batch_size, np.int32)
-    state = trainer.init(jax.random.key(0), x)
-    for _ in range(5):
-        state, _ = trainer.step(state, x, y)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, _ = trainer.step(state, x, y)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - start)
-    return config.batch_size / statistics.median(times)
+    _, seconds, _ = perf.time_steps(trainer, trainer.init(jax.random.key(0), x), x, y, steps, warmup=5)
+    return config.batch_size / seconds
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,11 @@ whole gradient. Compute is taken as linear in the batch (per-example costs).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import statistics
+import time
+from typing import Any, Sequence
+
+import jax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,3 +88,23 @@ def speedups(stages: Sequence[StageCost], batch: int, stages_k: int, replicas: i
         "fdbp_examples_per_s": batch / fdbp, "bp_examples_per_s": batch / bp,
         "fdbp_speedup": one / fdbp, "bp_speedup": one / bp, "single_examples_per_s": batch / one,
     }
+
+
+def time_steps(trainer: Any, state: Any, x, y, steps: int, warmup: int = 3) -> tuple[float, float, Any]:
+    """Measure `trainer.step` on one batch: (seconds of the first call, compile included; median
+    seconds of `steps` calls after `warmup` more; the final state)."""
+
+    def timed(state):
+        start = time.perf_counter()
+        state, _ = trainer.step(state, x, y)
+        jax.block_until_ready(state)
+        return time.perf_counter() - start, state
+
+    first, state = timed(state)
+    for _ in range(warmup):
+        _, state = timed(state)
+    samples = []
+    for _ in range(steps):
+        seconds, state = timed(state)
+        samples.append(seconds)
+    return first, statistics.median(samples), state
