@@ -11,13 +11,13 @@ from typing import Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fdbp_jax.distributed import place, to_host
 from fdbp_jax.emulator import replica_mean, split_replicas
+from fdbp_jax.flat import pad_to_multiple
 from fdbp_jax.mesh import MESH_AXES, num_devices
 from fdbp_jax.stages import (
     LossFn,
@@ -97,11 +97,9 @@ class Backprop:
     def predict(self, state: BackpropState, x) -> jax.Array:
         if self.mesh is None:
             return self._predict(state.params, state.model_state, x)
-        x = np.asarray(x)
-        pad = (-x.shape[0]) % self.replicas
-        padded = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+        padded = pad_to_multiple(x, self.replicas)
         logits = self._predict(state.params, state.model_state, place(padded, NamedSharding(self.mesh, ALL_DEVICES)))
-        return to_host(logits)[: x.shape[0]]
+        return to_host(logits)[: len(x)]
 
     def _predict_fn(self, params, model_state, x):
         return predict_stages(self.stages, [join_variables(p, s) for p, s in zip(params, model_state)], x)

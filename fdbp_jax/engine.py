@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 from fdbp_jax import schedule
 from fdbp_jax.canonical_conv import canonical_convolutions
 from fdbp_jax.distributed import place, to_host
-from fdbp_jax.flat import FlatLayout, pad_rows, padded_sizes, stack_packed, unpad_rows
+from fdbp_jax.flat import FlatLayout, pad_rows, pad_to_multiple, padded_sizes, stack_packed, unpad_rows
 from fdbp_jax.stages import (
     LossFn,
     Stage,
@@ -224,11 +224,9 @@ class MeshEngine:
 
     def predict(self, state: EngineState, x) -> jax.Array:
         N = self.mesh.shape["data"]
-        x = np.asarray(x)
-        pad = (-x.shape[0]) % N
-        padded = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+        padded = pad_to_multiple(x, N)
         logits = self._predict(state.params, state.model_state, place(padded, NamedSharding(self.mesh, P("data"))))
-        return to_host(logits)[-1, : x.shape[0]]
+        return to_host(logits)[-1, : len(x)]
 
     # ---- inside shard_map: local blocks of one device --------------------------------------
 

@@ -80,3 +80,10 @@ def unpad_rows(rows: jax.Array, like: jax.ShapeDtypeStruct) -> jax.Array:
     """Inverse of `pad_rows` for an activation of per-example shape/dtype `like` (batch axis first)."""
     features = int(np.prod(like.shape[1:], dtype=np.int64))
     return rows[:, :features].reshape(rows.shape[0], *like.shape[1:]).astype(like.dtype)
+
+
+def pad_to_multiple(x, multiple: int) -> np.ndarray:
+    """Host batch zero-padded along axis 0 to a multiple of `multiple` (so every replica gets a part)."""
+    x = np.asarray(x)
+    pad = (-x.shape[0]) % multiple
+    return np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
