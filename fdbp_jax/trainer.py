@@ -13,10 +13,12 @@ import optax
 from jax.sharding import Mesh
 
 from fdbp_jax.baselines import Backprop
+from fdbp_jax.delays import DelayModel
 from fdbp_jax.emulator import Emulator
 from fdbp_jax.engine import STASH_MODES, MeshEngine
 from fdbp_jax.mesh import check_mesh, num_devices
 from fdbp_jax.stages import LossFn, Stage, trace_shapes
+from fdbp_jax.stochastic import StochasticEmulator
 
 ALGORITHMS = ("fdbp", "bp")
 
@@ -29,6 +31,8 @@ class Trainer:
     the same algorithm, simulating ``replicas`` data-parallel workers. ``stash`` picks what the mesh
     engine keeps of each in-flight forward: its input and weights ("recompute", the default: the
     forward runs again in the backward) or its VJP residuals ("residuals": no recomputation, more memory).
+    ``delays`` (a `DelayModel`, emulator only) draws each stage's gradient delay at random per tick
+    instead of the fixed 2(K-1-k): FDBP with stochastic staleness.
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class Trainer:
         replicas: int | None = None,
         stash: str = "recompute",
         skip_nonfinite: bool = False,
+        delays: DelayModel | None = None,
     ):
         stages = list(stages)
         if not stages or not all(isinstance(s, nn.Module) for s in stages):
@@ -54,6 +59,14 @@ class Trainer:
             raise ValueError(f"stash={stash!r} is not known: use one of {STASH_MODES}")
         if replicas is not None and (not isinstance(replicas, int) or replicas < 1):
             raise ValueError(f"replicas={replicas!r} must be a positive integer")
+        if delays is not None:
+            if not isinstance(delays, DelayModel):
+                raise ValueError(f"delays={delays!r} must be a fdbp_jax.DelayModel (or None: the fixed schedule)")
+            if algorithm != "fdbp" or mesh is not None:
+                raise ValueError(
+                    "delays= (stochastic staleness) runs in the FDBP emulator only: use algorithm='fdbp' and "
+                    "mesh=None; the mesh engine keeps the fixed schedule"
+                )
         self.stages = [Stage(m) for m in stages]
         optimizers = [optimizer] * len(stages) if isinstance(optimizer, optax.GradientTransformation) else list(optimizer)
         if len(optimizers) != len(stages) or not all(isinstance(o, optax.GradientTransformation) for o in optimizers):
@@ -72,6 +85,10 @@ class Trainer:
         if algorithm == "bp":
             self.engine: Any = Backprop(
                 self.stages, loss_fn, optimizers, replicas=self.replicas, mesh=mesh, skip_nonfinite=skip_nonfinite
+            )
+        elif delays is not None:
+            self.engine = StochasticEmulator(
+                self.stages, loss_fn, optimizers, float(shrink), self.replicas, delays, skip_nonfinite
             )
         elif mesh is None:
             self.engine = Emulator(self.stages, loss_fn, optimizers, float(shrink), self.replicas, skip_nonfinite)
@@ -105,7 +122,8 @@ class Trainer:
     def step(self, state, x, y) -> tuple[Any, dict]:
         """One tick: batch (x, y) enters stage 0; returns the new state and metrics: "loss" (of the
         batch at the last stage; NaN in warm-up), "tick", and "nonfinite" (K flags: stages whose
-        gradient this tick had a NaN/inf; with skip_nonfinite=True their update was skipped)."""
+        gradient this tick had a NaN/inf; with skip_nonfinite=True their update was skipped); with
+        ``delays``, also "delays" (the K delays drawn for this tick)."""
         if self._batch is None:
             raise ValueError("call trainer.init(...) before trainer.step(...)")
         x_shape, x_dtype, y_shape, y_dtype = self._batch
