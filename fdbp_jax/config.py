@@ -40,7 +40,7 @@ class Config:
     keep_checkpoints: int = 3
     skip_nonfinite: bool = False  # skip (and count) updates with NaN/inf gradients instead of stopping
     emulate: bool = False  # run on one device: the FDBP emulator / BP with data_parallel simulated replicas
-    staleness_power: float = 0.0  # FDBP: stage k's updates scaled by (1 + delay_k)^-power (fdbp_jax.optim)
+    staleness_power: float = 1.0  # FDBP: stage k's updates scaled by (1 + delay_k)^-power (0: off; docs/staleness.md)
     staleness_warmup: int = 0  # FDBP: stage k's updates ramped up over staleness_warmup * delay_k updates
 
     def to_json(self) -> dict[str, Any]:

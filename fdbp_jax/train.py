@@ -67,12 +67,18 @@ def lr_schedule(config: Config, ticks_per_epoch: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(config.lr / warmup, config.lr, warmup), main], [warmup])
 
 
-def make_optimizer(config: Config, ticks_per_epoch: int) -> optax.GradientTransformation:
-    """SGD with (PyTorch-style, coupled) weight decay, momentum and the schedule; one per stage."""
-    return optax.chain(
+def make_optimizer(
+    config: Config, ticks_per_epoch: int
+) -> optax.GradientTransformation | list[optax.GradientTransformation]:
+    """SGD with (PyTorch-style, coupled) weight decay, momentum and the schedule. For FDBP with the
+    staleness control on (the default), one per stage, its updates scaled for the stage's delay."""
+    sgd = optax.chain(
         optax.add_decayed_weights(config.weight_decay),
         optax.sgd(lr_schedule(config, ticks_per_epoch), momentum=config.momentum or None),
     )
+    if config.algorithm == "fdbp" and (config.staleness_power or config.staleness_warmup):
+        return staleness_aware(sgd, config.stages, config.staleness_power, config.staleness_warmup)
+    return sgd
 
 
 def choose_boundaries(config: Config, blocks: Sequence, local_batch: int) -> tuple[list[int], list[float], list[int]]:
@@ -186,8 +192,6 @@ def train_and_evaluate(
     ticks = data_lib.ticks_per_epoch(len(train_data), config.batch_size)
     boundaries, _, _ = choose_boundaries(config, blocks, config.batch_size // config.data_parallel)
     optimizer = make_optimizer(config, ticks)
-    if config.algorithm == "fdbp" and (config.staleness_power or config.staleness_warmup):
-        optimizer = staleness_aware(optimizer, config.stages, config.staleness_power, config.staleness_warmup)
     trainer = Trainer(
         split_model(blocks, boundaries), cross_entropy, optimizer, mesh=mesh,
         algorithm=config.algorithm, shrink=config.shrink, skip_nonfinite=config.skip_nonfinite,
@@ -325,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip (and count) updates whose gradient has NaN/inf instead of stopping with exit code 3")
     add("--emulate", action="store_true", default=None,
         help="run on one device (the FDBP emulator, or BP) simulating --data-parallel replicas")
-    add("--staleness-power", type=float, help="FDBP: scale stage k's updates by (1 + delay_k)^-power")
+    add("--staleness-power", type=float,
+        help="FDBP: scale stage k's updates by (1 + delay_k)^-power (default 1; 0 with --staleness-warmup 0 "
+             "switches the control off: plain FDBP)")
     add("--staleness-warmup", type=int, help="FDBP: ramp stage k's updates up over this many updates per tick of delay")
     add("--keep-checkpoints", type=int, help="how many recent checkpoints to keep (default 3)")
     add("--eval-batch-size", type=int)

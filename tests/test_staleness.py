@@ -68,3 +68,24 @@ def test_each_stage_is_scaled_by_its_own_delay():
 def test_trainer_rejects_wrong_number_of_optimizers():
     with pytest.raises(ValueError, match="a list of 2 \\(one per stage\\)"):
         fj.Trainer(toy.conv_stages(2), toy.cross_entropy, [optax.sgd(0.1)] * 3)
+
+
+def test_cli_default_scales_each_fdbp_stage_and_switches_off():
+    """The control is on by default for --algorithm fdbp (power 1: stage k's step / (1 + delay_k)),
+    `--staleness-power 0` gives plain SGD again, and BP never gets it."""
+    import dataclasses
+
+    from fdbp_jax.train import build_parser, config_from_args, make_optimizer
+
+    config = config_from_args(build_parser().parse_args(
+        ["--stages", "4", "--lr", "0.1", "--momentum", "0", "--weight-decay", "0", "--schedule", "constant"]
+    ))
+    params, grads = {"w": jnp.ones(2)}, {"w": jnp.ones(2)}
+    first_update = lambda opt: float(opt.update(grads, opt.init(params), params)[0]["w"][0])
+    per_stage = make_optimizer(config, ticks_per_epoch=10)
+    assert [first_update(o) for o in per_stage] == pytest.approx([-0.1 / 7, -0.1 / 5, -0.1 / 3, -0.1])
+    off = config_from_args(build_parser().parse_args(["--staleness-power", "0"]))
+    assert off.staleness_power == 0.0 and off.staleness_warmup == 0
+    assert first_update(make_optimizer(dataclasses.replace(config, staleness_power=0.0), 10)) == pytest.approx(-0.1)
+    bp = dataclasses.replace(config, algorithm="bp", stages=1)
+    assert first_update(make_optimizer(bp, 10)) == pytest.approx(-0.1)
