@@ -1,0 +1,126 @@
+"""Does FDBP stay stable at the paper's learning rate, with and without the staleness control?
+
+    python experiments/staleness_study.py --seeds 0,1,2 --stages 2,3,4 --controls off,default \
+        --out runs/staleness
+
+ResNet-20 on a CIFAR-10 subset, SGD lr 0.1, momentum 0.9, weight decay 5e-4, constant step size and
+no learning-rate warm-up (nothing else tames the first updates), N = 2 replicas. BP (same N) is the
+reference. A control is `off` (plain FDBP), `default` (the CLI default) or `p<power>w<warmup>`, e.g.
+`p1w0`, `p0.5w5` (see fdbp_jax.optim). A run whose gradient turns non-finite is recorded as diverged
+with its tick. Writes <out>/results.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fdbp_jax.config import Config  # noqa: E402
+from fdbp_jax.train import Diverged, load_datasets, simulate_devices, train_and_evaluate  # noqa: E402
+
+ints = lambda s: [int(v) for v in s.split(",") if v]
+CONTROL = re.compile(r"p(?P<power>[0-9.]+)w(?P<warmup>[0-9]+)")
+
+
+def control_settings(name: str) -> dict:
+    """`off` | `default` | `p<power>w<warmup>` -> the Config fields it sets."""
+    if name == "off":
+        return dict(staleness_power=0.0, staleness_warmup=0)
+    match = CONTROL.fullmatch(name)
+    if not match:
+        raise SystemExit(f"--controls {name}: use off, default or p<power>w<warmup> (e.g. p0.5w5)")
+    return dict(staleness_power=float(match["power"]), staleness_warmup=int(match["warmup"]))
+
+
+def default_control_name() -> str:
+    defaults = Config()
+    if not (defaults.staleness_power or defaults.staleness_warmup):
+        return "off"
+    return f"p{defaults.staleness_power:g}w{defaults.staleness_warmup}"
+
+
+def grid(args) -> list[tuple[str, Config]]:
+    base = Config(model="resnet20", data_parallel=2, epochs=args.epochs, batch_size=128, lr=args.lr, momentum=0.9,
+                  weight_decay=5e-4, schedule="constant", warmup_epochs=0.0, train_examples=args.train_examples,
+                  eval_examples=args.eval_examples)
+    runs = []
+    for seed in args.seeds:
+        if not args.no_bp:
+            runs.append(("BP", dataclasses.replace(base, algorithm="bp", stages=1, seed=seed)))
+        for k in args.stages:
+            for control in args.controls:
+                control = default_control_name() if control == "default" else control
+                runs.append((f"FDBP K={k} {control}", dataclasses.replace(
+                    base, algorithm="fdbp", stages=k, seed=seed, **control_settings(control))))
+    return runs
+
+
+def run_one(name: str, config: Config, workdir: str, datasets) -> dict:
+    try:
+        summary = train_and_evaluate(config, workdir, overwrite=True, datasets=datasets, show_progress=False).summary
+        return {"name": name, "diverged": None, **summary}
+    except Diverged as err:
+        return {"name": name, "diverged": str(err), "config": config.to_json()}
+
+
+def table(results: list[dict]) -> str:
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(r["name"], []).append(r)
+    lines = ["| run | seeds | diverged | test acc % | final train loss |", "|---|---|---|---|---|"]
+    for name, rs in groups.items():
+        ok = [r for r in rs if r["diverged"] is None]
+        acc = np.array([r["test_accuracy"] for r in ok]) * 100
+        loss = np.array([r["final_train_loss"] for r in ok])
+        lines.append(
+            f"| {name} | {len(rs)} | {len(rs) - len(ok)} | "
+            + (f"{acc.mean():.2f} ± {acc.std():.2f} | {loss.mean():.3f} ± {loss.std():.3f} |" if ok else "— | — |")
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=ints, default=[0, 1, 2])
+    p.add_argument("--stages", type=ints, default=[2, 3, 4])
+    p.add_argument("--controls", type=lambda s: s.split(","), default=["off", "default"])
+    p.add_argument("--no-bp", action="store_true", help="skip the BP reference runs")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--train-examples", type=int, default=5000)
+    p.add_argument("--eval-examples", type=int, default=1000)
+    p.add_argument("--out", default="runs/staleness")
+    args = p.parse_args(argv)
+    runs = grid(args)
+    simulate_devices(max(c.stages * c.data_parallel for _, c in runs))
+    print(f"{len(runs)} runs on {len(jax.devices())} {jax.default_backend()} devices", flush=True)
+    datasets = load_datasets(runs[0][1])
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+    results = json.load(open(path)) if os.path.exists(path) else []
+    done = {(r["name"], r["config"]["seed"]) for r in results}
+    for name, c in runs:
+        if (name, c.seed) in done:
+            continue
+        print(f"== {name} seed {c.seed}", flush=True)
+        workdir = os.path.join(args.out, re.sub(r"[^A-Za-z0-9.=-]+", "_", f"{name}-s{c.seed}"))
+        results.append(run_one(name, c, workdir, datasets))
+        r = results[-1]
+        print("   diverged: " + r["diverged"] if r["diverged"] else
+              f"   test acc {100 * r['test_accuracy']:.2f}  train loss {r['final_train_loss']:.3f}", flush=True)
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
