@@ -29,7 +29,8 @@ def grid(args) -> list[Config]:
     base = Config(**PRESETS[args.preset])
     overrides = {k: v for k, v in (("epochs", args.epochs), ("train_examples", args.train_examples),
                                     ("eval_examples", args.eval_examples), ("lr", args.lr),
-                                    ("warmup_epochs", args.warmup_epochs)) if v is not None}
+                                    ("warmup_epochs", args.warmup_epochs),
+                                    ("staleness_power", args.staleness_power)) if v is not None}
     base = dataclasses.replace(base, **overrides)
     runs = []
     for seed in args.seeds:
@@ -42,7 +43,7 @@ def grid(args) -> list[Config]:
 
 
 def label(c: Config) -> str:
-    return "BP" if c.algorithm == "bp" else f"FDBP K={c.stages} beta={c.shrink:g}"
+    return "BP" if c.algorithm == "bp" else f"FDBP K={c.stages} beta={c.shrink:g} p={c.staleness_power:g}"
 
 
 def table(results: list[dict]) -> str:
@@ -51,16 +52,17 @@ def table(results: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         c = r["config"]
-        groups.setdefault((c["algorithm"], c["stages"], c["data_parallel"], c["shrink"]), []).append(r)
+        key = (c["algorithm"], c["stages"], c["data_parallel"], c["shrink"], c["staleness_power"])
+        groups.setdefault(key, []).append(r)
     bp = {key[2]: np.mean([r["test_accuracy"] for r in rs]) for key, rs in groups.items() if key[0] == "bp"}
-    lines = [f"{'method':<22} {'N':>2} {'seeds':>5} {'test acc %':>14} {'best %':>7} {'train loss':>10} "
+    lines = [f"{'method':<28} {'N':>2} {'seeds':>5} {'test acc %':>14} {'best %':>7} {'train loss':>10} "
              f"{'img/s':>7} {'vs BP':>7}"]
-    for (alg, k, n, beta), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "bp", kv[0][1], kv[0][3])):
+    for (alg, k, n, beta, power), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "bp", kv[0][1], kv[0][3])):
         acc = np.array([r["test_accuracy"] for r in rs]) * 100
-        name = "BP" if alg == "bp" else f"FDBP K={k} beta={beta:g}"
+        name = "BP" if alg == "bp" else f"FDBP K={k} beta={beta:g} p={power:g}"
         gap = acc.mean() - bp[n] * 100 if n in bp else float("nan")
         lines.append(
-            f"{name:<22} {n:>2} {len(rs):>5} {acc.mean():>7.2f} ± {acc.std():>4.2f} "
+            f"{name:<28} {n:>2} {len(rs):>5} {acc.mean():>7.2f} ± {acc.std():>4.2f} "
             f"{np.mean([r['best_test_accuracy'] for r in rs]) * 100:>7.2f} "
             f"{np.mean([r['final_train_loss'] for r in rs]):>10.3f} {np.mean([r['images_per_s'] for r in rs]):>7.0f} "
             f"{gap:>+7.2f}"
@@ -102,6 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--train-examples", type=int)
     p.add_argument("--eval-examples", type=int)
+    p.add_argument("--staleness-power", type=float, help="FDBP staleness control (default: the CLI's; 0: off)")
     p.add_argument("--out", default="runs/compare")
     args = p.parse_args(argv)
     runs = grid(args)

@@ -158,8 +158,8 @@ class StochasticEmulator:
         K, ring = len(self.stages), self.ring
         batch = schedule.forward_batch(forward_tick, k)
         at = lambda tree, tick: jax.tree.map(lambda h: h[history_slot(tick, ring)], tree)
-        later = [(self.stages[j], at(history["param_history"][j], batch + j), at(history["state_history"][j], batch + j))
-                 for j in range(k + 1, K)]
+        when_it_ran = lambda j, name: at(history[name][j], batch + j)
+        later = [(self.stages[j], when_it_ran(j, "param_history"), when_it_ran(j, "state_history")) for j in range(k + 1, K)]
         own_state = at(history["state_history"][k], forward_tick)
 
         def loss_of(p, h, labels):
