@@ -125,9 +125,8 @@ class StochasticEmulator:
         )
         act_msgs, label_msgs, fwd_states, loss = [], [], [], jnp.nan
         for k, stage in enumerate(self.stages):
-            outputs, fwd_state = jax.vmap(lambda h, s=stage, k=k: forward(s, state.params[k], state.model_state[k], h))(
-                inputs[k]
-            )
+            run = lambda h, s=stage, p=state.params[k], m=state.model_state[k]: forward(s, p, m, h)
+            outputs, fwd_state = jax.vmap(run)(inputs[k])
             fwd_states.append(fwd_state)
             if k < K - 1:
                 act_msgs.append(outputs)
