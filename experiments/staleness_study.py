@@ -7,7 +7,8 @@ ResNet-20 on a CIFAR-10 subset, SGD lr 0.1, momentum 0.9, weight decay 5e-4, con
 no learning-rate warm-up (nothing else tames the first updates), N = 2 replicas. BP (same N) is the
 reference. A control is `off` (plain FDBP), `default` (the CLI default) or `p<power>w<warmup>`, e.g.
 `p1w0`, `p0.5w5` (see fdbp_jax.optim). A run whose gradient turns non-finite is recorded as diverged
-with its tick. Writes <out>/results.json and prints a table.
+with its tick. Writes <out>/results.json and <out>/staleness.png (train loss and test accuracy per
+epoch, mean over seeds, one panel per K with BP in each) and prints a table.
 """
 
 from __future__ import annotations
@@ -87,6 +88,32 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finished = [r for r in results if r["diverged"] is None]
+    stages = sorted({r["config"]["stages"] for r in finished if r["config"]["algorithm"] == "fdbp"})
+    fig, axes = plt.subplots(2, len(stages), figsize=(5 * len(stages), 7), squeeze=False)
+    for column, K in enumerate(stages):
+        names = ["BP"] + sorted({r["name"] for r in finished if r["name"].startswith(f"FDBP K={K} ")})
+        for i, name in enumerate(names):
+            histories = [r["history"] for r in finished if r["name"] == name]
+            epochs = [e["epoch"] for e in histories[0]]
+            for row, field, scale in ((0, "train_loss", 1), (1, "test_accuracy", 100)):
+                mean = np.mean([[scale * e[field] for e in h] for h in histories], axis=0)
+                axes[row][column].plot(epochs, mean, "o-", color=f"C{i}", label=f"{name} ({len(histories)} seeds)")
+        axes[0][column].set(title=f"K={K}, N=2", ylabel="train loss")
+        axes[1][column].set(xlabel="epoch", ylabel="test accuracy %")
+        for ax in axes[:, column]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=ints, default=[0, 1, 2])
@@ -118,6 +145,7 @@ def main(argv=None) -> int:
               f"   test acc {100 * r['test_accuracy']:.2f}  train loss {r['final_train_loss']:.3f}", flush=True)
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
+    plot(results, os.path.join(args.out, "staleness.png"))
     print(table(results))
     return 0
 
