@@ -98,7 +98,7 @@ def plot(results: list[dict], path: str) -> None:
     stages = sorted({r["config"]["stages"] for r in finished if r["config"]["algorithm"] == "fdbp"})
     fig, axes = plt.subplots(2, len(stages), figsize=(5 * len(stages), 7), squeeze=False)
     for column, K in enumerate(stages):
-        names = ["BP"] + sorted({r["name"] for r in finished if r["name"].startswith(f"FDBP K={K} ")})
+        names = sorted({r["name"] for r in finished if r["name"] == "BP" or r["name"].startswith(f"FDBP K={K} ")})
         for i, name in enumerate(names):
             histories = [r["history"] for r in finished if r["name"] == name]
             epochs = [e["epoch"] for e in histories[0]]
