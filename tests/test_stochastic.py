@@ -53,7 +53,7 @@ def test_trainer_rejects_delays_where_they_cannot_run():
 
 @pytest.mark.parametrize(
     "num_stages,replicas,batch_norm,shrink",
-    [(1, 2, False, 1.0), (2, 2, True, 1.0), (4, 1, False, 0.5), (4, 2, True, 0.5)],
+    [(1, 1, False, 1.0), (2, 2, True, 1.0), (4, 2, True, 0.5)],
 )
 def test_fixed_delay_model_is_the_fdbp_schedule(num_stages, replicas, batch_norm, shrink):
     """max_extra = 0 gives the pipeline's gradients exactly: same weights and losses as the emulator."""
