@@ -59,6 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         weight_decay=5e-4, schedule="cosine", warmup_epochs=1.0, train_examples=10000, eval_examples=2000,
     ),
     # FDG's CIFAR setup: ResNet-56, K=4, N=2, batch 128, SGD 0.1/0.9, wd 5e-4, 300 epochs, /10 at 150/225/275
+    # (plus the default staleness control; --staleness-power 0 for FDG's plain FDBP)
     "paper": dict(
         model="resnet56", stages=4, data_parallel=2, epochs=300, batch_size=128, lr=0.1, momentum=0.9,
         weight_decay=5e-4, schedule="step", step_epochs=(150, 225, 275), warmup_epochs=0.0,
