@@ -22,15 +22,13 @@ import optax
 
 from fdbp_jax import schedule
 from fdbp_jax.delays import DelayModel
-from fdbp_jax.emulator import replica_mean, split_replicas
+from fdbp_jax.emulator import Emulator, replica_mean, split_replicas
 from fdbp_jax.stages import (
     LossFn,
     Stage,
     all_finite,
     apply_update,
     forward,
-    join_variables,
-    predict_stages,
     select_tree,
     split_variables,
 )
@@ -58,8 +56,9 @@ def history_slot(tick, ring: int):
     return tick % ring
 
 
-class StochasticEmulator:
-    """FDBP on one device with per-stage, per-tick random delays from `delay_model`."""
+class StochasticEmulator(Emulator):
+    """FDBP on one device with per-stage, per-tick random delays from `delay_model`. Shares the
+    fixed-delay emulator's set-up, step, stage_variables and predict; its state and tick differ."""
 
     def __init__(
         self, stages: Sequence[Stage], loss_fn: LossFn, optimizers: Sequence[optax.GradientTransformation],
@@ -70,18 +69,9 @@ class StochasticEmulator:
                 f"delay model is for {delay_model.num_stages} stages but there are {len(stages)}: "
                 f"use DelayModel(num_stages={len(stages)}, ...)"
             )
-        self.stages = list(stages)
-        self.loss_fn = loss_fn
-        self.optimizers = list(optimizers)
-        self.shrink = shrink
-        self.replicas = replicas
+        super().__init__(stages, loss_fn, optimizers, shrink, replicas, skip_nonfinite)
         self.delay_model = delay_model
         self.ring = delay_model.bound + 1
-        self.skip_nonfinite = skip_nonfinite
-        self._step = jax.jit(self._tick)
-        self._predict = jax.jit(
-            lambda params, states, x: predict_stages(self.stages, list(map(join_variables, params, states)), x)
-        )
 
     def init(self, variables: Sequence[dict], shapes: Sequence[jax.ShapeDtypeStruct], label: jax.ShapeDtypeStruct):
         """State at tick 0 from per-stage variables and per-replica input shapes (from trace_shapes)."""
@@ -101,15 +91,6 @@ class StochasticEmulator:
             act_msgs=[per_replica(shapes[k + 1]) for k in range(K - 1)],
             label_msgs=[per_replica(label) for _ in range(K - 1)],
         )
-
-    def step(self, state: StochasticState, x: jax.Array, y: jax.Array):
-        return self._step(state, x, y)
-
-    def stage_variables(self, state: StochasticState) -> list[dict]:
-        return jax.device_get([join_variables(p, s) for p, s in zip(state.params, state.model_state)])
-
-    def predict(self, state: StochasticState, x: jax.Array) -> jax.Array:
-        return self._predict(state.params, state.model_state, x)
 
     def _tick(self, state: StochasticState, x: jax.Array, y: jax.Array):
         K, t, ring = len(self.stages), state.tick, self.ring
