@@ -1,0 +1,183 @@
+"""Measured costs of a model's work on the current device, at several per-device batches: each
+stage's forward and its whole tick (forward of the new batch + delayed backward with its recomputed
+forward + optax update, as one jitted call, as the FDBP tick runs it), and the whole model's BP step.
+The speed model (`fdbp_jax.perf`) reads these curves instead of assuming compute linear in the batch.
+
+The result is plain JSON (`measure_model` returns it, `experiments/measure_costs.py` writes it):
+
+    {"model": ..., "dtype": "float32", "image_shape": [32, 32, 3], "provenance": {...},
+     "bp_step": [[batch, seconds], ...],                     # whole model: grads + update
+     "splits": {"4": {"boundaries": [...], "stages": [       # one entry per stage k
+         {"forward": [[batch, seconds], ...],                # training forward alone
+          "tick": [[batch, seconds], ...],                   # the stage's whole tick work
+          "update_s": seconds,                               # the optax update alone
+          "activation_elements": n,                          # per example, of the stage's output
+          "param_count": n}, ...]}}}
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fdbp_jax import models, partition
+from fdbp_jax.stages import Stage, apply_update, backprop_grads, delayed_grads, last_stage_grads, split_variables
+from fdbp_jax.train import cross_entropy
+
+BATCHES = (8, 16, 32, 64, 128, 256)
+
+
+def provenance() -> dict:
+    """Where a measurement ran: device, software versions, host and date."""
+    import flax
+
+    device = jax.devices()[0]
+    return {
+        "platform": jax.default_backend(), "device_kind": device.device_kind, "device_count": jax.device_count(),
+        "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+        "python": platform.python_version(), "host": platform.node(), "cpu_count": os.cpu_count(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def median_seconds(fn: Callable, *args, repeats: int = 20, warmup: int = 2) -> float:
+    """Median wall seconds of `fn(*args)` (results awaited) after a compiling call and `warmup` more."""
+    for _ in range(1 + warmup):
+        jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def default_optimizer() -> optax.GradientTransformation:
+    """The CLI's update: SGD with momentum and coupled weight decay."""
+    return optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
+
+
+def _random(shape, seed: int = 0) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def measure_stage(
+    stage: Stage, k: int, num_stages: int, input_shape: tuple, batch: int, optimizer: optax.GradientTransformation,
+    repeats: int, classes: int = 10,
+) -> dict:
+    """Seconds of stage k's training forward and of its whole tick work on `batch` examples."""
+    x = _random((batch, *input_shape))
+    params, model_state = split_variables(stage.init(jax.random.key(0), x))
+    opt_state = optimizer.init(params)
+    out = jax.eval_shape(lambda p, h: stage.apply(p, model_state, h, train=True)[0], params, x)
+    forward = jax.jit(lambda p, h: stage.apply(p, model_state, h, train=True)[0])
+    if k == num_stages - 1:
+        labels = jnp.asarray(np.arange(batch) % classes, jnp.int32)
+
+        def tick(p, o, h):
+            _, _, d_params, d_input = last_stage_grads(stage, cross_entropy, p, model_state, h, labels, k > 0)
+            return d_input, *apply_update(optimizer, p, o, d_params)
+
+        tick_args = (params, opt_state, x)
+    else:
+        output_grad = _random(out.shape, seed=1)
+
+        def tick(p, o, h_new, h_old, g):
+            y = stage.apply(p, model_state, h_new, train=True)[0]
+            d_params, d_input = delayed_grads(stage, p, model_state, h_old, g, k > 0)
+            return y, d_input, *apply_update(optimizer, p, o, d_params)
+
+        tick_args = (params, opt_state, x, _random(x.shape, seed=2), output_grad)
+    return {
+        "forward": median_seconds(forward, params, x, repeats=repeats),
+        "tick": median_seconds(jax.jit(tick), *tick_args, repeats=repeats),
+        "output_shape": out.shape[1:],
+        "params": params,
+        "opt_state": opt_state,
+    }
+
+
+def measure_update(params, opt_state, optimizer: optax.GradientTransformation, repeats: int) -> float:
+    grads = jax.tree.map(jnp.ones_like, params)
+    return median_seconds(jax.jit(lambda p, o, g: apply_update(optimizer, p, o, g)), params, opt_state, grads,
+                          repeats=repeats)
+
+
+def measure_bp_step(
+    blocks: Sequence, input_shape: tuple, batch: int, optimizer: optax.GradientTransformation, repeats: int,
+    classes: int = 10,
+) -> float:
+    """Seconds of one synchronous BP step (gradients of the whole model + update) on `batch` examples."""
+    stage = Stage(models.Blocks(tuple(blocks)))
+    x = _random((batch, *input_shape))
+    params, model_state = split_variables(stage.init(jax.random.key(0), x))
+    opt_state = optimizer.init(params)
+    labels = jnp.asarray(np.arange(batch) % classes, jnp.int32)
+
+    def step(p, o, h):
+        _, _, (d_params,) = backprop_grads([stage], cross_entropy, [p], [model_state], h, labels)
+        return apply_update(optimizer, p, o, d_params)
+
+    return median_seconds(jax.jit(step), params, opt_state, x, repeats=repeats)
+
+
+def measure_split(
+    split: dict, blocks: Sequence, num_stages: int, input_shape: tuple, batch: int,
+    optimizer: optax.GradientTransformation, repeats: int,
+) -> None:
+    """Add `batch`'s point to every stage's curves of one split (and its update time, once)."""
+    shape = input_shape
+    for k, module in enumerate(models.split_model(blocks, split["boundaries"])):
+        measured = measure_stage(Stage(module), k, num_stages, shape, batch, optimizer, repeats)
+        entry = split["stages"][k]
+        entry["forward"].append([batch, measured["forward"]])
+        entry["tick"].append([batch, measured["tick"]])
+        if entry["update_s"] is None:
+            entry["update_s"] = measure_update(measured["params"], measured["opt_state"], optimizer, repeats)
+            entry["activation_elements"] = int(np.prod(measured["output_shape"]))
+            entry["param_count"] = int(sum(leaf.size for leaf in jax.tree.leaves(measured["params"])))
+        shape = measured["output_shape"]
+
+
+def measure_model(
+    model: str, num_stages: Sequence[int] = (4, 2), batches: Sequence[int] = BATCHES, repeats: int = 10,
+    input_shape: tuple = (32, 32, 3), deadline: float | None = None, on_progress: Callable[[dict], None] | None = None,
+) -> dict:
+    """Measure `model` on the current device: the BP step and every stage of the cost-balanced
+    split into each K of `num_stages`, in increasing batches (the BP step and the first K over all
+    batches before the other Ks). Starts no new batch once `deadline` (time.time()) has passed;
+    `on_progress` gets the result after each batch, so a caller can save partial curves."""
+    blocks = models.model_blocks(model)
+    optimizer = default_optimizer()
+    flops, _ = partition.block_costs(blocks, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+    result = {"model": model, "dtype": "float32", "image_shape": list(input_shape), "provenance": provenance(),
+              "repeats": repeats, "bp_step": [], "splits": {}}
+    for K in num_stages:
+        boundaries = partition.linear_partition(flops, K)
+        result["splits"][str(K)] = {"boundaries": boundaries, "stages": [
+            {"forward": [], "tick": [], "update_s": None, "activation_elements": None, "param_count": None}
+            for _ in range(K)]}
+    # the BP step and the first K first, over all batches; then the other Ks (a deadline may cut them)
+    for phase, ks in enumerate((list(num_stages[:1]), list(num_stages[1:]))):
+        for batch in batches if ks else ():
+            if deadline is not None and time.time() > deadline:
+                break
+            if phase == 0:
+                result["bp_step"].append([batch, measure_bp_step(blocks, input_shape, batch, optimizer, repeats)])
+            for K in ks:
+                measure_split(result["splits"][str(K)], blocks, K, tuple(input_shape), batch, optimizer, repeats)
+            print(f"measured batch {batch} (K={ks}) on {result['provenance']['device_kind']}", file=sys.stderr,
+                  flush=True)
+            if on_progress is not None:
+                on_progress(result)
+    return result
