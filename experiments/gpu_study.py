@@ -51,7 +51,18 @@ GRID = {
     "cnn-fdbp4-lr0.1": dict(model="cnn", algorithm="fdbp", stages=4, lr=0.1),
     "cnn-bp-lr0.05-seed1": dict(model="cnn", algorithm="bp", stages=1, lr=0.05, seed=1),
     "cnn-fdbp4-lr0.05-seed1": dict(model="cnn", algorithm="fdbp", stages=4, lr=0.05, seed=1),
+    # the second set (--runs second): N=2 replicas (BatchNorm statistics per replica), plain FDBP, K=2,
+    # and a second seed of the ResNet-20 lr 0.1 pair
+    "cnn-bp-lr0.05-n2": dict(model="cnn", algorithm="bp", stages=1, lr=0.05, data_parallel=2),
+    "cnn-fdbp4-lr0.05-n2": dict(model="cnn", algorithm="fdbp", stages=4, lr=0.05, data_parallel=2),
+    "cnn-bp-lr0.05-n2-seed1": dict(model="cnn", algorithm="bp", stages=1, lr=0.05, data_parallel=2, seed=1),
+    "cnn-fdbp4-lr0.05-n2-seed1": dict(model="cnn", algorithm="fdbp", stages=4, lr=0.05, data_parallel=2, seed=1),
+    "cnn-fdbp4plain-lr0.05": dict(model="cnn", algorithm="fdbp", stages=4, lr=0.05, staleness_power=0.0),
+    "cnn-fdbp2-lr0.05": dict(model="cnn", algorithm="fdbp", stages=2, lr=0.05),
+    "r20-bp-lr0.1-seed1": dict(model="resnet20", algorithm="bp", stages=1, lr=0.1, seed=1),
+    "r20-fdbp4-lr0.1-seed1": dict(model="resnet20", algorithm="fdbp", stages=4, lr=0.1, seed=1),
 }
+RUN_SETS = {"first": list(GRID)[:8], "second": list(GRID)[8:]}
 
 
 def package_versions() -> dict:
@@ -155,7 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--train-examples", type=int, help="default: all 50,000")
     p.add_argument("--eval-examples", type=int, help="default: all 10,000")
-    p.add_argument("--runs", help=f"comma-separated subset of the grid: {', '.join(GRID)}")
+    p.add_argument("--runs", help=f"a set ({', '.join(RUN_SETS)}; default first) or comma-separated runs of the grid: {', '.join(GRID)}")
     p.add_argument("--concurrency", type=int, default=8, help="trainings at once on the one device")
     p.add_argument("--costs-share", type=float, default=0.3, help="most of the budget the curves may take (0: skip)")
     p.add_argument("--costs-model", default="resnet20")
@@ -168,7 +179,7 @@ def main(argv=None) -> int:
 
     started = time.time()
     deadline = started + args.budget_s - 5.0  # what is left after it: collecting the files
-    names = list(GRID) if not args.runs else args.runs.split(",")
+    names = RUN_SETS.get(args.runs or "first") or args.runs.split(",")
     unknown = [n for n in names if n not in GRID]
     if unknown:
         p.error(f"--runs {','.join(unknown)}: not in the grid; valid: {', '.join(GRID)}")
