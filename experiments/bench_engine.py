@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 
@@ -29,8 +27,7 @@ import optax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fdbp_jax as fj  # noqa: E402
-from fdbp_jax import models, partition, perf  # noqa: E402
-from fdbp_jax.stages import Stage  # noqa: E402
+from fdbp_jax import costs, models, partition, perf  # noqa: E402
 from fdbp_jax.train import cross_entropy  # noqa: E402
 
 
@@ -86,37 +83,12 @@ def engine_memory(trainer, state, x, y) -> dict:
     }
 
 
-def stage_costs(blocks, boundaries, local_batch: int, steps: int = 5) -> list[perf.StageCost]:
-    """Measured per-example forward and backward seconds of each stage on one device."""
-    stages = models.split_model(blocks, boundaries)
-    h = jax.ShapeDtypeStruct((local_batch, 32, 32, 3), jnp.float32)
-    costs = []
-    for module in stages:
-        stage = Stage(module)
-        x = jnp.asarray(np.random.default_rng(0).normal(size=h.shape), h.dtype)
-        variables = stage.init(jax.random.key(0), x)
-        params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
-        fwd = jax.jit(lambda p, x_: stage.apply(p, state, x_, train=True)[0])
-        out = fwd(params, x)
-
-        def both(p, x_):
-            y_, vjp = jax.vjp(lambda p_, xx: stage.apply(p_, state, xx, train=True)[0], p, x_)
-            return vjp(jnp.ones_like(y_))
-
-        fwd_bwd = jax.jit(both)
-        seconds = []
-        for fn in (fwd, fwd_bwd):
-            jax.block_until_ready(fn(params, x))
-            samples = []
-            for _ in range(steps):
-                start = time.perf_counter()
-                jax.block_until_ready(fn(params, x))
-                samples.append(time.perf_counter() - start)
-            seconds.append(statistics.median(samples) / local_batch)
-        costs.append(perf.StageCost(seconds[0], max(seconds[1] - seconds[0], 0.0), out[0].size * 4,
-                                    sum(a.size * 4 for a in jax.tree.leaves(params))))
-        h = jax.ShapeDtypeStruct(out.shape, out.dtype)
-    return costs
+def stage_costs(blocks, boundaries, local_batch: int, repeats: int = 5) -> list[perf.StageCost]:
+    """Each stage's tick work measured on one device at `local_batch` (fdbp_jax.costs)."""
+    split = costs.new_split(boundaries)
+    costs.measure_split(split, blocks, len(boundaries) + 1, (32, 32, 3), local_batch, costs.default_optimizer(),
+                        repeats)
+    return perf.stage_costs({"splits": {str(len(boundaries) + 1): split}}, len(boundaries) + 1)
 
 
 def main(argv=None) -> int:
@@ -164,12 +136,12 @@ def main(argv=None) -> int:
             state = trainer.init(jax.random.key(0), x)
             stash_growth[K] = per_device_bytes((state.stash, state.stash_params, state.stash_model_state))
         row["stash_bytes_per_device_by_K (N=1)"] = stash_growth
-        costs = stage_costs(blocks, cut, args.batch // 2)
-        predicted = perf.shared_cores_tick_time(costs, args.batch, 2, cores=os.cpu_count())
+        measured_stages = stage_costs(blocks, cut, args.batch // 2)
+        predicted = perf.shared_cores_tick_time(measured_stages, args.batch, 2, cores=os.cpu_count())
         measured = row["fdbp (2,4) recompute"]["step_s"]
         row["model"] = {"predicted_tick_s": predicted, "measured_tick_s": measured,
                         "relative_error": (predicted - measured) / measured,
-                        "stage_costs": [vars(c) for c in costs]}
+                        "stage_tick_s": [c.work(args.batch // 2) for c in measured_stages]}
         print(f"{name:9s} speed model: predicted tick {predicted * 1e3:.1f} ms, measured {measured * 1e3:.1f} ms "
               f"({100 * (predicted - measured) / measured:+.0f}%)", flush=True)
         results[name] = row

@@ -171,6 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--costs-share", type=float, default=0.3, help="most of the budget the curves may take (0: skip)")
     p.add_argument("--costs-model", default="resnet20")
     p.add_argument("--costs-batches", default="8,16,32,64,128,256")
+    p.add_argument("--costs-stages", default="4,2", help="the K whose stage curves are measured")
     p.add_argument("--scratch", help="folder for decoded data and run folders (default: a new temporary one)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
     if args.costs_share > 0:
         costs_budget = args.costs_share * args.budget_s
         command = [sys.executable, os.path.join(HERE, "measure_costs.py"), "--model", args.costs_model,
-                   "--batches", args.costs_batches, "--budget-s", str(max(1.0, costs_budget * 0.8)),
+                   "--batches", args.costs_batches, "--stages", args.costs_stages, "--budget-s", str(max(1.0, costs_budget * 0.8)),
                    "--out", os.path.join(args.out, "costs.json")]
         with open(os.path.join(scratch, "costs.log"), "w") as costs_log:
             process = subprocess.Popen(command, stdout=costs_log, stderr=subprocess.STDOUT, env=env)

@@ -1,61 +1,93 @@
-"""Speed-model predictions for FDBP (K stages x N replicas) and data-parallel BP on the same K*N
-devices, from XLA's FLOP counts per block and assumed accelerator and link numbers.
+"""Speed-model predictions from measured efficiency curves: time per global batch and time to a test
+accuracy for data-parallel BP over D devices and FDBP with K stages x N = D/K replicas.
 
-    python experiments/predict_speedup.py [--tflops-resnet 25 --tflops-wrn 200 --link-gbps 450 --latency-us 10]
+    python experiments/predict_speedup.py --costs docs/data/gpu-study-2026-11-27a/costs.json \
+        --runs ../shared/gpu-runs/resnet20-20ep docs/data/gpu-study-2026-11-27b --target 0.8
 
-Assumptions (H100 SXM-class, bf16 activations): effective training throughput per GPU (small CIFAR
-convs use a small fraction of the 989 TFLOP/s dense peak), NVLink bandwidth per direction and
-per-message latency. Each stage's forward is taken as 1/3 and backward as 2/3 of its forward+backward
-FLOPs; the stash recomputes the forward (recompute=True) as the engine does by default.
+Measured: each stage's tick work and the BP step against the per-device batch (`--costs`, from
+`experiments/measure_costs.py` on one device), and the ticks each method needed to reach --target
+(`--runs`: training runs of the same model at the same global batch, on one device; N changes only
+BatchNorm's statistics, so they stand for any N). Modeled: devices working at once with no
+interference, the link (--link-gbps, --latency-us; default NVLink-class numbers, not measured here),
+ring all-reduces, and float32 messages.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import json
+import statistics
 import sys
 
-import jax
-import jax.numpy as jnp
+from fdbp_jax import perf, results
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fdbp_jax import models, partition, perf  # noqa: E402
+COLUMNS = (("devices", "devices", "d"), ("global batch", "batch", "d"), ("method", "method", "s"),
+           ("per-device batch", "local_batch", "g"), ("ms / global batch", "ms", ".3f"),
+           ("images/s", "images_per_s", ",.0f"), ("vs BP", "vs_bp", ".2f"), ("vs 1 device", "vs_single", ".2f"),
+           ("ticks to target", "ticks", ","), ("time to target s", "time_to_target", ".1f"))
 
 
-def stage_costs(name: str, K: int, tflops: float) -> list[perf.StageCost]:
-    blocks = models.model_blocks(name)
-    flops, params = partition.block_costs(blocks, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
-    cut = partition.linear_partition(flops, K)
-    edges = [0, *cut, len(blocks)]
-    shapes, h = [], jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-    for stage in models.split_model(blocks, cut):
-        variables = jax.eval_shape(stage.init, jax.random.key(0), h)
-        h = jax.eval_shape(lambda v, x: stage.apply(v, x), variables, h)
-        shapes.append(h)
-    costs = []
-    for k, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
-        seconds = sum(flops[a:b]) / (tflops * 1e12)
-        costs.append(perf.StageCost(seconds / 3, 2 * seconds / 3, 2 * shapes[k].size, 4 * sum(params[a:b])))
-    return costs
+def ticks_to_target(runs: list[results.Run], model: str, batch: int, target: float) -> dict[str, int | None]:
+    """Median ticks to `target` of each method ("BP", "FDBP K=4", ...) among runs of `model` at `batch`."""
+    by_method: dict[str, list] = {}
+    for run in runs:
+        if run.config["model"] == model and run.config["batch_size"] == batch:
+            by_method.setdefault(run.method, []).append(perf.ticks_to_accuracy(run.evals, target))
+    return {m: None if None in ticks else int(statistics.median(ticks)) for m, ticks in by_method.items()}
+
+
+def predictions(measured: dict, devices: list[int], batches: list[int], link: perf.Link,
+                ticks: dict[int, dict[str, int | None]]) -> list[dict]:
+    """One row per (devices, global batch, method) the measurement covers."""
+    step, param_bytes = perf.bp_costs(measured)
+    splits = {int(K): perf.stage_costs(measured, int(K)) for K, s in measured["splits"].items() if s["stages"][0]["tick"]}
+    rows = []
+    for batch in batches:
+        single = step(batch)
+        for D in devices:
+            layouts = [("BP", D, D, perf.bp_step_time(step, param_bytes, batch, D, link))]
+            for K, stages in sorted(splits.items(), reverse=True):
+                if D % K == 0:
+                    N = D // K
+                    layouts.append((f"FDBP K={K}", N, N, perf.fdbp_tick_time(stages, batch, N, link)))
+            bp_seconds = layouts[0][3]
+            for method, replicas, _, seconds in layouts:
+                label = method if method == "BP" else f"{method} x N={replicas}"
+                ticks_needed = ticks.get(batch, {}).get(method)
+                rows.append({
+                    "devices": D, "batch": batch, "method": label, "local_batch": batch / replicas,
+                    "ms": 1e3 * seconds, "images_per_s": batch / seconds, "vs_bp": bp_seconds / seconds,
+                    "vs_single": single / seconds, "ticks": ticks_needed,
+                    "time_to_target": None if ticks_needed is None else ticks_needed * seconds,
+                })
+    return rows
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tflops-resnet", type=float, default=25.0)
-    p.add_argument("--tflops-wrn", type=float, default=200.0)
-    p.add_argument("--link-gbps", type=float, default=450.0)
-    p.add_argument("--latency-us", type=float, default=10.0)
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--costs", required=True, help="a measure_costs.py JSON")
+    p.add_argument("--runs", nargs="*", default=[], help="training runs (folders) giving ticks to --target")
+    p.add_argument("--target", type=float, default=0.8, help="test accuracy, a fraction")
+    p.add_argument("--devices", default="4,8,16,32")
+    p.add_argument("--batches", default="128,512", help="global batches")
+    p.add_argument("--link-gbps", type=float, default=450.0, help="modeled link bandwidth each way, GB/s")
+    p.add_argument("--latency-us", type=float, default=10.0, help="modeled per-message latency, microseconds")
+    p.add_argument("--out", help="also write the rows as JSON here")
     args = p.parse_args(argv)
+    measured = perf.load_costs(args.costs)
     link = perf.Link(args.link_gbps * 1e9, args.latency_us * 1e-6)
-    print(f"{'model':<9} {'K':>2} {'N':>2} {'devices':>7} {'FDBP x':>7} {'BP x':>6} {'FDBP img/s':>11} {'BP img/s':>9}"
-          f" {'1-dev img/s':>11}")
-    for name, tflops in (("resnet56", args.tflops_resnet), ("wrn28_10", args.tflops_wrn)):
-        for K, N in ((4, 1), (2, 2), (4, 2), (2, 4)):
-            costs = stage_costs(name, K, tflops)
-            s = perf.speedups(costs, args.batch, K, N, link)
-            print(f"{name:<9} {K:>2} {N:>2} {K * N:>7} {s['fdbp_speedup']:>7.2f} {s['bp_speedup']:>6.2f} "
-                  f"{s['fdbp_examples_per_s']:>11.0f} {s['bp_examples_per_s']:>9.0f} {s['single_examples_per_s']:>11.0f}")
+    runs = [run for path in args.runs for run in results.load_runs(path)]
+    batches = [int(b) for b in args.batches.split(",")]
+    ticks = {b: ticks_to_target(runs, measured["model"], b, args.target) for b in batches}
+    rows = predictions(measured, [int(d) for d in args.devices.split(",")], batches, link, ticks)
+    where = measured["provenance"]
+    print(f"{measured['model']} on {where['device_kind']} ({where['platform']}, jax {where['jax']}, {where['date']}); "
+          f"link modeled at {args.link_gbps:g} GB/s, {args.latency_us:g} us; target {100 * args.target:g} %")
+    print(results.markdown_table(rows, COLUMNS))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"costs": args.costs, "link_gbps": args.link_gbps, "latency_us": args.latency_us,
+                       "target": args.target, "runs": args.runs, "rows": rows}, f, indent=1)
     return 0
 
 

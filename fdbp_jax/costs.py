@@ -131,6 +131,13 @@ def measure_bp_step(
     return median_seconds(jax.jit(step), params, opt_state, x, repeats=repeats)
 
 
+def new_split(boundaries: Sequence[int]) -> dict:
+    """An empty entry of "splits" for the stages that start at `boundaries`."""
+    return {"boundaries": list(boundaries), "stages": [
+        {"forward": [], "tick": [], "update_s": None, "activation_elements": None, "param_count": None}
+        for _ in range(len(boundaries) + 1)]}
+
+
 def measure_split(
     split: dict, blocks: Sequence, num_stages: int, input_shape: tuple, batch: int,
     optimizer: optax.GradientTransformation, repeats: int,
@@ -163,10 +170,7 @@ def measure_model(
     result = {"model": model, "dtype": "float32", "image_shape": list(input_shape), "provenance": provenance(),
               "repeats": repeats, "bp_step": [], "splits": {}}
     for K in num_stages:
-        boundaries = partition.linear_partition(flops, K)
-        result["splits"][str(K)] = {"boundaries": boundaries, "stages": [
-            {"forward": [], "tick": [], "update_s": None, "activation_elements": None, "param_count": None}
-            for _ in range(K)]}
+        result["splits"][str(K)] = new_split(partition.linear_partition(flops, K))
     # the BP step and the first K first, over all batches; then the other Ks (a deadline may cut them)
     for phase, ks in enumerate((list(num_stages[:1]), list(num_stages[1:]))):
         for batch in batches if ks else ():

@@ -1,16 +1,19 @@
-"""A speed model: tick time and throughput of FDBP (K stages x N replicas) and of data-parallel BP on
-the same K*N devices, from per-stage compute times, activation bytes and a link's bandwidth/latency.
+"""A speed model: time per global batch of FDBP (K stages x N replicas) and of data-parallel BP on
+the same K*N devices, from measured efficiency curves (seconds of work against the per-device batch,
+`fdbp_jax.costs`) and a link's bandwidth and latency.
 
-FDBP tick: every stage works at once, so the tick lasts as long as the slowest stage: its forward on
-the new batch, its backward (plus the forward again when the stash recomputes), sending its
-activation and input-gradient to its neighbours, and the all-reduce of its gradient over N replicas.
-BP step: each of the K*N replicas runs the whole model on B/(K*N) examples, then all-reduces the
-whole gradient. Compute is taken as linear in the batch (per-example costs).
+FDBP tick: every stage works at once, so a tick lasts as long as the slowest stage: its tick work on
+B/N examples (forward of the new batch, delayed backward with its recomputed forward, update), the
+send of its activation and receipt of its input-gradient, and the all-reduce of its gradient over N
+replicas. BP step: each of the K*N replicas runs the whole model's step on B/(K*N) examples, then
+all-reduces the whole gradient. Compute comes from the curves, so a device that is launch-bound at
+small batches (a GPU at 16 examples) costs what it was measured to cost, not a linear share.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 import time
 from typing import Any, Sequence
@@ -36,58 +39,104 @@ class Link:
 
 
 @dataclasses.dataclass(frozen=True)
-class StageCost:
-    """One stage, per example: forward and backward seconds, the bytes of its output activation
-    (sent forward, and its gradient sent back), and the bytes of its parameters."""
+class Curve:
+    """Seconds of one piece of work against the per-device batch, from measured (batch, seconds)
+    points. Between points: linear interpolation. Below the smallest batch: that batch's time (a
+    device gets no faster on fewer examples than its launch-bound floor; a bound, not a measurement).
+    Above the largest: proportional to the batch at the largest point's rate (compute-bound)."""
 
-    forward: float
-    backward: float
+    points: tuple[tuple[float, float], ...]
+
+    def __post_init__(self):
+        if not self.points:
+            raise ValueError("a Curve needs at least one measured (batch, seconds) point")
+        object.__setattr__(self, "points", tuple(sorted((float(b), float(s)) for b, s in self.points)))
+
+    @classmethod
+    def linear(cls, seconds_per_example: float) -> "Curve":
+        """Compute linear in the batch (the model's old assumption), for comparisons and tests."""
+        return cls(((1.0, seconds_per_example),))
+
+    def __call__(self, batch: float) -> float:
+        (b0, s0), (b1, s1) = self.points[0], self.points[-1]
+        if batch <= b0:
+            return s0
+        if batch >= b1:
+            return s1 * batch / b1
+        for (lo, t_lo), (hi, t_hi) in zip(self.points, self.points[1:]):
+            if lo <= batch <= hi:
+                return t_lo + (t_hi - t_lo) * (batch - lo) / (hi - lo)
+        raise AssertionError("unreachable: batch lies between the first and last points")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageCost:
+    """One stage: its whole tick work (forward, delayed backward, update) against the per-device
+    batch, the bytes per example of its output activation (sent forward; its gradient comes back),
+    and the bytes of its parameters (all-reduced over the replicas)."""
+
+    work: Curve
     activation_bytes: float
     param_bytes: float
 
 
-def fdbp_tick_time(stages: Sequence[StageCost], batch: int, replicas: int, link: Link, recompute: bool = True) -> float:
+def fdbp_tick_time(stages: Sequence[StageCost], batch: float, replicas: int, link: Link) -> float:
     """Seconds per FDBP tick (one global batch of `batch` examples enters the pipeline)."""
     local = batch / replicas
     times = []
     for k, s in enumerate(stages):
-        compute = local * (s.forward * (2 if recompute and k < len(stages) - 1 else 1) + s.backward)
         sends = link.transfer(local * s.activation_bytes) if k < len(stages) - 1 else 0.0
         receives_grad = link.transfer(local * stages[k - 1].activation_bytes) if k > 0 else 0.0
-        times.append(compute + max(sends, receives_grad) + link.all_reduce(s.param_bytes, replicas))
+        times.append(s.work(local) + max(sends, receives_grad) + link.all_reduce(s.param_bytes, replicas))
     return max(times)
 
 
-def bp_step_time(stages: Sequence[StageCost], batch: int, devices: int, link: Link) -> float:
-    """Seconds per data-parallel BP step on `devices` replicas of the whole model."""
-    local = batch / devices
-    compute = local * sum(s.forward + s.backward for s in stages)
-    return compute + link.all_reduce(sum(s.param_bytes for s in stages), devices)
+def bp_step_time(step: Curve, param_bytes: float, batch: float, devices: int, link: Link) -> float:
+    """Seconds per data-parallel BP step on `devices` replicas of the whole model (`step`: one
+    replica's gradients + update against its batch)."""
+    return step(batch / devices) + link.all_reduce(param_bytes, devices)
 
 
-def single_device_time(stages: Sequence[StageCost], batch: int) -> float:
-    return batch * sum(s.forward + s.backward for s in stages)
-
-
-def shared_cores_tick_time(stages: Sequence[StageCost], batch: int, replicas: int, cores: int, recompute: bool = True) -> float:
+def shared_cores_tick_time(stages: Sequence[StageCost], batch: float, replicas: int, cores: int) -> float:
     """FDBP tick when the K*N devices are simulated on `cores` CPU cores: the work of all devices
     shares the cores, and no tick is shorter than its slowest stage."""
-    local = batch / replicas
-    per_stage = [
-        local * (s.forward * (2 if recompute and k < len(stages) - 1 else 1) + s.backward) for k, s in enumerate(stages)
-    ]
+    per_stage = [s.work(batch / replicas) for s in stages]
     return max(max(per_stage), replicas * sum(per_stage) / cores)
 
 
-def speedups(stages: Sequence[StageCost], batch: int, stages_k: int, replicas: int, link: Link, recompute: bool = True) -> dict:
-    """Throughput (examples/s) and speedup over one device of FDBP and of BP on the same K*N devices."""
-    one = single_device_time(stages, batch)
-    fdbp = fdbp_tick_time(stages, batch, replicas, link, recompute)
-    bp = bp_step_time(stages, batch, stages_k * replicas, link)
-    return {
-        "fdbp_examples_per_s": batch / fdbp, "bp_examples_per_s": batch / bp,
-        "fdbp_speedup": one / fdbp, "bp_speedup": one / bp, "single_examples_per_s": batch / one,
-    }
+def stage_costs(measured: dict, num_stages: int, bytes_per_element: int = 4) -> list[StageCost]:
+    """The K-stage split of a `fdbp_jax.costs` measurement as StageCosts."""
+    split = measured["splits"].get(str(num_stages))
+    if split is None or not split["stages"][0]["tick"]:
+        raise ValueError(f"the measurement of {measured.get('model')} has no curves for K={num_stages}: "
+                         f"measured K are {sorted(measured['splits'])}")
+    return [
+        StageCost(Curve(tuple(map(tuple, s["tick"]))), bytes_per_element * s["activation_elements"], 4 * s["param_count"])
+        for s in split["stages"]
+    ]
+
+
+def bp_costs(measured: dict, bytes_per_param: int = 4) -> tuple[Curve, float]:
+    """(the whole model's BP step curve, its gradient bytes) from a `fdbp_jax.costs` measurement."""
+    if not measured["bp_step"]:
+        raise ValueError(f"the measurement of {measured.get('model')} has no BP step curve")
+    split = next(iter(measured["splits"].values()))
+    params = sum(s["param_count"] for s in split["stages"])
+    return Curve(tuple(map(tuple, measured["bp_step"]))), bytes_per_param * params
+
+
+def load_costs(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def ticks_to_accuracy(evals: Sequence[dict], target: float) -> int | None:
+    """Ticks (global batches trained) until a run's test accuracy first reached `target`, from its
+    eval events (metrics.jsonl rows with `tick` and `test_accuracy`); None if it never did."""
+    for event in sorted(evals, key=lambda e: e["tick"]):
+        if event.get("test_accuracy") is not None and event["test_accuracy"] >= target:
+            return int(event["tick"])
+    return None
 
 
 def time_steps(trainer: Any, state: Any, x, y, steps: int, warmup: int = 3) -> tuple[float, float, Any]:

@@ -1,12 +1,14 @@
-"""The speed model's arithmetic, on numbers small enough to check by hand."""
+"""The speed model: reading measured curves, and its arithmetic on numbers small enough to check by hand."""
+
+import json
 
 import pytest
 
 from fdbp_jax import perf
 
 LINK = perf.Link(bandwidth=100.0, latency=1.0)
-# two stages: forward 1 s/example, backward 2 s/example; 10 activation bytes/example; 100 param bytes
-STAGES = [perf.StageCost(1.0, 2.0, 10.0, 100.0), perf.StageCost(1.0, 2.0, 10.0, 100.0)]
+# two stages, tick work linear at 3 s/example; 10 activation bytes/example; 100 param bytes
+STAGES = [perf.StageCost(perf.Curve.linear(3.0), 10.0, 100.0), perf.StageCost(perf.Curve.linear(3.0), 10.0, 100.0)]
 
 
 def test_link():
@@ -15,23 +17,75 @@ def test_link():
     assert LINK.all_reduce(100, 2) == pytest.approx(2 * 1 * (1 + 50 / 100))  # 2(n-1) steps of 50 bytes
 
 
+def test_curve_interpolates_floors_and_extends():
+    curve = perf.Curve(((32, 4.0), (8, 1.0), (16, 1.0)))  # unsorted on purpose
+    assert curve(8) == 1.0 and curve(12) == 1.0 and curve(24) == pytest.approx(2.5)  # linear between points
+    assert curve(2) == 1.0  # below the smallest batch: its time (launch-bound floor)
+    assert curve(64) == pytest.approx(8.0)  # above the largest: at the largest point's rate
+    assert perf.Curve.linear(0.5)(10) == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="at least one"):
+        perf.Curve(())
+
+
 def test_fdbp_tick_is_the_slowest_stage():
-    # batch 4, N = 2: 2 examples per replica. Stage 0: 2*(2*1 + 2) = 8 s compute (recomputed forward),
-    # sends 20 bytes (1.2 s), all-reduce of 100 bytes over 2: 3 s -> 12.2 s. Stage 1: 2*(1+2) = 6 s,
-    # receives 20 bytes (1.2 s), 3 s -> 10.2 s.
-    assert perf.fdbp_tick_time(STAGES, 4, 2, LINK, recompute=True) == pytest.approx(12.2)
-    assert perf.fdbp_tick_time(STAGES, 4, 2, LINK, recompute=False) == pytest.approx(10.2)
+    # batch 4, N = 2: 2 examples per replica, 6 s of work. Stage 0 sends 20 bytes (1.2 s), all-reduce of
+    # 100 bytes over 2 replicas: 3 s -> 10.2 s. Stage 1 receives 20 bytes: the same.
+    assert perf.fdbp_tick_time(STAGES, 4, 2, LINK) == pytest.approx(10.2)
+    slow = [STAGES[0], perf.StageCost(perf.Curve.linear(5.0), 10.0, 100.0)]
+    assert perf.fdbp_tick_time(slow, 4, 2, LINK) == pytest.approx(10 + 1.2 + 3)
 
 
-def test_bp_step_and_speedups():
-    # 4 devices, 1 example each: 6 s compute; all-reduce 200 bytes over 4: 6 steps of (1 + 0.5) s = 9 s
-    assert perf.bp_step_time(STAGES, 4, 4, LINK) == pytest.approx(15.0)
-    assert perf.single_device_time(STAGES, 4) == 24.0
-    s = perf.speedups(STAGES, 4, 2, 2, LINK, recompute=False)
-    assert s["fdbp_speedup"] == pytest.approx(24 / 10.2) and s["bp_speedup"] == pytest.approx(24 / 15)
+def test_bp_step():
+    # 4 devices, 1 example each: 6 s; all-reduce of 200 bytes over 4: 6 steps of (1 + 0.5) s = 9 s
+    assert perf.bp_step_time(perf.Curve.linear(6.0), 200.0, 4, 4, LINK) == pytest.approx(15.0)
+
+
+def test_launch_bound_devices_favour_the_pipeline():
+    # every piece of work costs 1 s whatever its batch (fully launch-bound): BP on 8 devices still pays a
+    # whole step, FDBP's stages each pay one tick of their own; with a free link both take 1 s per batch,
+    # with a 1 s all-reduce per step BP pays 2(8-1) of them against 2(2-1) for a stage over N=2 replicas
+    flat = perf.Curve(((1, 1.0), (1024, 1.0)))
+    stages = [perf.StageCost(flat, 0.0, 100.0) for _ in range(4)]
+    free = perf.Link(float("inf"), 0.0)
+    assert perf.bp_step_time(flat, 400.0, 128, 8, free) == perf.fdbp_tick_time(stages, 128, 2, free) == 1.0
+    slow_link = perf.Link(float("inf"), 1.0)
+    assert perf.bp_step_time(flat, 400.0, 128, 8, slow_link) == pytest.approx(1 + 14)
+    assert perf.fdbp_tick_time(stages, 128, 2, slow_link) == pytest.approx(1 + 2)
 
 
 def test_shared_cores():
-    # 2 cores, N = 2, stage work 8 s and 6 s per replica: (2 * 14) / 2 = 14 s > slowest stage 8 s
-    assert perf.shared_cores_tick_time(STAGES, 4, 2, cores=2) == pytest.approx(14.0)
-    assert perf.shared_cores_tick_time(STAGES, 4, 2, cores=64) == pytest.approx(8.0)
+    # 2 cores, N = 2, stage work 6 s per replica: (2 * 12) / 2 = 12 s > slowest stage 6 s
+    assert perf.shared_cores_tick_time(STAGES, 4, 2, cores=2) == pytest.approx(12.0)
+    assert perf.shared_cores_tick_time(STAGES, 4, 2, cores=64) == pytest.approx(6.0)
+
+
+MEASURED = {
+    "model": "toy",
+    "bp_step": [[8, 0.5], [16, 0.75]],
+    "splits": {"2": {"boundaries": [1], "stages": [
+        {"forward": [[8, 0.1]], "tick": [[8, 0.25], [16, 0.5]], "update_s": 0.01, "activation_elements": 6,
+         "param_count": 10},
+        {"forward": [[8, 0.1]], "tick": [[8, 0.125], [16, 0.25]], "update_s": 0.01, "activation_elements": 2,
+         "param_count": 30},
+    ]}},
+}
+
+
+def test_reading_a_measurement(tmp_path):
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(MEASURED))
+    measured = perf.load_costs(str(path))
+    stages = perf.stage_costs(measured, 2)
+    assert [s.work(12) for s in stages] == pytest.approx([0.375, 0.1875])
+    assert [s.activation_bytes for s in stages] == [24, 8] and [s.param_bytes for s in stages] == [40, 120]
+    step, param_bytes = perf.bp_costs(measured)
+    assert step(12) == pytest.approx(0.625) and param_bytes == 160
+    with pytest.raises(ValueError, match="K=4"):
+        perf.stage_costs(measured, 4)
+
+
+def test_ticks_to_accuracy():
+    evals = [{"tick": 20, "test_accuracy": 0.7}, {"tick": 10, "test_accuracy": 0.5}, {"tick": 30, "test_accuracy": 0.8}]
+    assert perf.ticks_to_accuracy(evals, 0.6) == 20
+    assert perf.ticks_to_accuracy(evals, 0.8) == 30
+    assert perf.ticks_to_accuracy(evals, 0.9) is None
