@@ -49,14 +49,19 @@ def percent(row: dict) -> dict:
 
 
 def plot_curves(runs: list[results.Run], path: str) -> None:
+    """Test accuracy and train loss per epoch, a column per source; colour = recipe, line = method."""
     sources = sorted({run.source for run in runs})
     fig, axes = plt.subplots(2, len(sources), figsize=(5 * len(sources), 7), squeeze=False)
+    styles = {"BP": "-", "FDBP K=4": "--", "FDBP K=4 plain": ":", "FDBP K=2": "-."}
     for column, source in enumerate(sources):
-        for run in (r for r in runs if r.source == source):
+        here = [r for r in runs if r.source == source]
+        recipes = list(dict.fromkeys(r.recipe for r in here))  # a BP run and its FDBP runs share a colour
+        for run in here:
             epochs = [e["epoch"] for e in run.evals]
-            style = "-" if run.config["algorithm"] == "bp" else "--"
-            axes[0, column].plot(epochs, [100 * e["test_accuracy"] for e in run.evals], style, label=run.name)
-            axes[1, column].plot(epochs, [e["train_loss"] for e in run.evals], style, label=run.name)
+            style = dict(color=plt.cm.tab10(recipes.index(run.recipe) % 10), ls=styles.get(run.method, "--"),
+                         label=run.name)
+            axes[0, column].plot(epochs, [100 * e["test_accuracy"] for e in run.evals], **style)
+            axes[1, column].plot(epochs, [e["train_loss"] for e in run.evals], **style)
         axes[0, column].set_title(os.path.basename(source))
         axes[0, column].set_ylabel("test accuracy %")
         axes[1, column].set_ylabel("train loss")
@@ -68,19 +73,29 @@ def plot_curves(runs: list[results.Run], path: str) -> None:
 
 
 def plot_gaps(rows: list[dict], path: str) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    """Each pair's gaps at the end of its run against its updates: colour = model and lr, marker = method
+    and N (filled: N=1, hollow: N=2)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    recipes = sorted({(r["model"], r["lr"]) for r in rows})
+    colours = {recipe: plt.cm.tab10(i % 10) for i, recipe in enumerate(recipes)}
+    markers = {"FDBP K=4": "o", "FDBP K=4 plain": "s", "FDBP K=2": "^"}
+    seen = set()
     for row in rows:
-        label = f"{row['model']} lr {row['lr']:g} N={row['N']} {row['train_images'] // 1000}k s{row['seed']} {row['method']}"
-        marker = "o" if row["model"] == "cnn" else "s"
-        axes[0].scatter(row["updates"], row["accuracy_gap"], marker=marker, label=label)
-        if row["train_loss_gap"] is not None:
-            axes[1].scatter(row["updates"], row["train_loss_gap"], marker=marker, label=label)
+        colour = colours[(row["model"], row["lr"])]
+        style = dict(marker=markers.get(row["method"], "D"), s=36, edgecolors=colour,
+                     facecolors=colour if row["N"] == 1 else "none")
+        label = f"{row['model']} lr {row['lr']:g}, {row['method']}, N={row['N']}"
+        for ax, key in zip(axes, ("accuracy_gap", "train_loss_gap")):
+            if row[key] is not None:
+                ax.scatter(row["updates"], row[key], label=None if label in seen else label, **style)
+        seen.add(label)
     for ax, name in zip(axes, ("test accuracy gap, BP − FDBP (points)", "train loss gap, FDBP − BP")):
         ax.set_xscale("log")
         ax.axhline(0, color="grey", lw=0.5)
-        ax.set_xlabel("updates (global batches of 128) at the end of the run")
+        ax.set_xlabel("updates (global batches of 128) in the run")
         ax.set_ylabel(name)
-    axes[1].legend(fontsize=6, loc="upper right")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

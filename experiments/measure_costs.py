@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="resnet20")
     p.add_argument("--stages", default="4,2", help="the K to measure, comma-separated")
     p.add_argument("--batches", default=",".join(map(str, costs.BATCHES)))
-    p.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (the median is kept)")
+    p.add_argument("--repeats", type=int, default=30, help="timed calls per measurement (the median is kept)")
     p.add_argument("--budget-s", type=float, help="start no new batch after this many seconds")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)

@@ -157,7 +157,7 @@ def measure_split(
 
 
 def measure_model(
-    model: str, num_stages: Sequence[int] = (4, 2), batches: Sequence[int] = BATCHES, repeats: int = 10,
+    model: str, num_stages: Sequence[int] = (4, 2), batches: Sequence[int] = BATCHES, repeats: int = 30,
     input_shape: tuple = (32, 32, 3), deadline: float | None = None, on_progress: Callable[[dict], None] | None = None,
 ) -> dict:
     """Measure `model` on the current device: the BP step and every stage of the cost-balanced

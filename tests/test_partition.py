@@ -62,8 +62,18 @@ def test_cost_balanced_split_of_resnet20():
     costs, params = partition.block_costs(blocks, jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.float32))
     assert all(c > 0 for c in costs) and params[-1] == 64 * 10 + 10
     cut = partition.linear_partition(costs, 4)
-    assert partition.balance(costs, cut) >= 0.85
+    # FLOPs counted on the lowered HLO by XLA:CPU (0.848 balance; the compiled count gave 0.853, same cut)
+    assert cut == [3, 5, 7] and partition.balance(costs, cut) >= 0.84
     assert "balance (mean/max stage FLOPs)" in partition.describe_split(blocks, cut, costs, params)
+
+
+def test_block_costs_are_counted_on_the_cpu_whatever_the_default_device():
+    # a GPU's compiled code reports no FLOPs for its convolutions: the count must not come from it
+    blocks = models.model_blocks("cnn")[:2]
+    example = jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32)
+    with jax.default_device(jax.devices()[-1]):
+        moved, _ = partition.block_costs(blocks, example)
+    assert moved == partition.block_costs(blocks, example)[0] and all(c > 1e6 for c in moved)
 
 
 def test_unknown_model():
