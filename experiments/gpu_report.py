@@ -26,7 +26,8 @@ RUN_COLUMNS = (("source", "source", "s"), ("run", "name", "s"), ("model", "model
                ("epochs", "epochs", "d"), ("updates", "updates", ","), ("test acc %", "accuracy", ".2f"),
                ("train loss", "train_loss", ".3f"), ("images/s", "images_per_s", ",.0f"))
 GAP_COLUMNS = (("model", "model", "s"), ("lr", "lr", "g"), ("N", "N", "d"), ("seed", "seed", "d"),
-               ("train images", "train_images", ","), ("method", "method", "s"), ("updates", "updates", ","),
+               ("train images", "train_images", ","), ("method", "method", "s"), ("split", "split", "s"),
+               ("updates", "updates", ","),
                ("BP acc %", "bp_accuracy", ".2f"), ("FDBP acc %", "fdbp_accuracy", ".2f"),
                ("gap (points)", "accuracy_gap", ".2f"), ("train loss gap", "train_loss_gap", "+.3f"),
                ("source", "source", "s"))

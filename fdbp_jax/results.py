@@ -23,6 +23,7 @@ class Run:
     config: dict
     evals: list[dict]
     train_events: list[dict] = dataclasses.field(default_factory=list)
+    boundaries: list | None = None  # where the stages began (from the run's summary), if it says
 
     @property
     def method(self) -> str:
@@ -60,15 +61,17 @@ def load_runs(path: str) -> list[Run]:
         events = _read_jsonl(os.path.join(path, "metrics.jsonl"))
         return [
             Run(name, path, run["config"], [e for e in events if e.get("run") == name and e["event"] == "eval"],
-                [e for e in events if e.get("run") == name and e["event"] == "train"])
+                [e for e in events if e.get("run") == name and e["event"] == "train"],
+                (run.get("summary") or {}).get("boundaries"))
             for name, run in study["runs"].items() if "config" in run
         ]
     if os.path.exists(os.path.join(path, "summary.json")) and os.path.exists(os.path.join(path, "metrics.jsonl")):
         with open(os.path.join(path, "summary.json")) as f:
-            config = json.load(f)["config"]
+            summary = json.load(f)
         events = _read_jsonl(os.path.join(path, "metrics.jsonl"))
-        return [Run(os.path.basename(path), os.path.dirname(path), config,
-                    [e for e in events if e["event"] == "eval"], [e for e in events if e["event"] == "train"])]
+        return [Run(os.path.basename(path), os.path.dirname(path), summary["config"],
+                    [e for e in events if e["event"] == "eval"], [e for e in events if e["event"] == "train"],
+                    summary.get("boundaries"))]
     runs = []
     for entry in sorted(os.listdir(path)) if os.path.isdir(path) else ():
         if os.path.isdir(os.path.join(path, entry)):
@@ -91,6 +94,7 @@ def gap_row(bp: Run, fdbp: Run) -> dict:
     return {
         "model": c["model"], "lr": c["lr"], "N": c["data_parallel"], "seed": c["seed"],
         "train_images": c.get("train_examples") or 50000, "method": fdbp.method,
+        "split": None if fdbp.boundaries is None else ",".join(map(str, fdbp.boundaries)),
         "epochs": last.get("epoch"), "updates": last.get("tick"),
         "bp_accuracy": reference.get("test_accuracy"), "fdbp_accuracy": last.get("test_accuracy"),
         "accuracy_gap": reference["test_accuracy"] - last["test_accuracy"] if last and reference else None,

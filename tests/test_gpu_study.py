@@ -96,7 +96,7 @@ def test_report_reads_the_study(study, tmp_path):
     result = script("gpu_report.py", out, "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     report = open(tmp_path / "report.md").read()
-    assert "| cnn | 0.05 | 1 | 0 | 512 | FDBP K=4 | 4 |" in report  # the pair, at equal updates
+    assert "| cnn | 0.05 | 1 | 0 | 512 | FDBP K=4 | 2,3,4 | 4 |" in report  # the pair, at equal updates
     assert os.path.getsize(tmp_path / "curves.png") > 0 and os.path.getsize(tmp_path / "gap.png") > 0
 
 
