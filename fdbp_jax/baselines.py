@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fdbp_jax.distributed import place, to_host
-from fdbp_jax.emulator import replica_mean, split_replicas
+from fdbp_jax.emulator import replica_mean, replica_state, split_replicas
 from fdbp_jax.flat import pad_to_multiple
 from fdbp_jax.mesh import MESH_AXES, num_devices
 from fdbp_jax.stages import (
@@ -27,6 +27,7 @@ from fdbp_jax.stages import (
     backprop_grads,
     join_variables,
     predict_stages,
+    replica_state_mean,
     select_tree,
     split_variables,
 )
@@ -75,6 +76,8 @@ class Backprop:
 
     def init(self, variables: Sequence[dict], shapes, label) -> BackpropState:
         params, model_state = zip(*(split_variables(v) for v in variables))
+        # fresh buffers: the mesh step donates its state, and must never delete the caller's arrays
+        params, model_state = jax.tree.map(jnp.array, (params, model_state))
         state = BackpropState(
             tick=jnp.zeros((), jnp.int32),
             params=list(params),
@@ -108,15 +111,17 @@ class Backprop:
         return backprop_grads(self.stages, self.loss_fn, state.params, state.model_state, x, y)
 
     def _emulated_step(self, state: BackpropState, x, y):
-        per_replica = jax.vmap(self._grads, in_axes=(None, 0, 0))(
+        loss, model_state, grads = jax.vmap(self._grads, in_axes=(None, 0, 0))(
             state, split_replicas(x, self.replicas), split_replicas(y, self.replicas)
         )
-        return self._update(state, *replica_mean(per_replica))
+        return self._update(state, *replica_mean((loss, grads)), replica_state(model_state))
 
     def _replica_step(self, state: BackpropState, x, y):
-        return self._update(state, *jax.lax.pmean(self._grads(state, x, y), MESH_AXES))
+        loss, model_state, grads = self._grads(state, x, y)
+        model_state = replica_state_mean(model_state, lambda a: jax.lax.pmean(a, MESH_AXES), lambda a: a)
+        return self._update(state, *jax.lax.pmean((loss, grads), MESH_AXES), model_state)
 
-    def _update(self, state: BackpropState, loss, model_state, grads):
+    def _update(self, state: BackpropState, loss, grads, model_state):
         nonfinite = jnp.stack([~all_finite(g) for g in grads])
         params, opt_state = [], []
         for k, (p, o, g) in enumerate(zip(state.params, state.opt_state, grads)):

@@ -31,6 +31,7 @@ from fdbp_jax.stages import (
     join_variables,
     last_stage_grads,
     predict_stages,
+    replica_state_mean,
     select_tree,
     split_variables,
 )
@@ -58,7 +59,13 @@ def split_replicas(x: jax.Array, replicas: int) -> jax.Array:
 
 
 def replica_mean(tree: Any) -> Any:
+    """Gradients (or losses) averaged over the leading replica axis."""
     return jax.tree.map(lambda a: jnp.mean(a, axis=0), tree)
+
+
+def replica_state(tree: Any) -> Any:
+    """Model state of the replicas (leading axis) merged by the one rule of `replica_state_mean`."""
+    return replica_state_mean(tree, lambda a: jnp.mean(a, axis=0), lambda a: a[0])
 
 
 class Emulator:
@@ -159,7 +166,7 @@ class Emulator:
             updated_params, updated_opt = apply_update(self.optimizers[k], params, state.opt_state[k], grads)
             new["params"].append(select_tree(has_gradient, updated_params, params))
             new["opt_state"].append(select_tree(has_gradient, updated_opt, state.opt_state[k]))
-            new["model_state"].append(select_tree(has_forward, replica_mean(fwd_state), model_state))
+            new["model_state"].append(select_tree(has_forward, replica_state(fwd_state), model_state))
         new_state = EmulatorState(
             tick=t + 1, act_msgs=act_msgs, label_msgs=label_msgs, grad_msgs=grad_msgs, **new
         )

@@ -41,6 +41,7 @@ from fdbp_jax.stages import (
     forward,
     join_variables,
     last_stage_grads,
+    replica_state_mean,
     select_tree,
     split_variables,
 )
@@ -252,8 +253,7 @@ class MeshEngine:
             row(stash, back_slot), row(stash_params, back_slot), row(stash_state, back_slot),
         )
         grads = jax.lax.pmean(grads, "data")
-        fwd_state = {d: jax.lax.pmean(v, "data") if jnp.issubdtype(v.dtype, jnp.floating) else v
-                     for d, v in fwd_state.items()}
+        fwd_state = replica_state_mean(fwd_state, lambda a: jax.lax.pmean(a, "data"), lambda a: a)
         loss = jax.lax.pmean(loss, "data")
 
         has_forward = t >= stage_index

@@ -9,6 +9,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from fdbp_jax.stages import Stage
+
 RESNET_DEPTHS = (20, 32, 44, 56, 110)
 MODELS = tuple(f"resnet{d}" for d in RESNET_DEPTHS) + ("wrn28_10", "cnn")
 
@@ -80,7 +82,7 @@ class Blocks(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         for block in self.blocks:
-            x = block(x, train) if isinstance(block, (ConvBN, BasicBlock, WideBlock)) else block(x)
+            x = block(x, train) if Stage(block).takes_train else block(x)
         return x
 
 

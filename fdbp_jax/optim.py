@@ -20,7 +20,7 @@ def delay_factor(delay: int, power: float) -> float:
 
 
 def delay_scaled(
-    optimizer: optax.GradientTransformation, delay: int, power: float = 0.5, warmup_per_delay: int = 0
+    optimizer: optax.GradientTransformation, delay: int, power: float = 1.0, warmup_per_delay: int = 0
 ) -> optax.GradientTransformation:
     """`optimizer`'s updates scaled by delay_factor(delay, power), ramped up linearly over the first
     warmup_per_delay * delay updates."""
@@ -32,7 +32,8 @@ def delay_scaled(
 
 
 def staleness_aware(
-    optimizer: optax.GradientTransformation, num_stages: int, power: float = 0.5, warmup_per_delay: int = 0
+    optimizer: optax.GradientTransformation, num_stages: int, power: float = 1.0, warmup_per_delay: int = 0
 ) -> list[optax.GradientTransformation]:
-    """One optimizer per stage for `Trainer(optimizer=...)`, each scaled for that stage's delay."""
+    """One optimizer per stage for `Trainer(optimizer=...)`, each scaled for that stage's delay
+    (power 1 by default, as the CLI: stage k's step / (1 + stage_delay(k, K)))."""
     return [delay_scaled(optimizer, stage_delay(k, num_stages), power, warmup_per_delay) for k in range(num_stages)]

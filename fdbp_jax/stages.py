@@ -117,6 +117,19 @@ def apply_update(
     return optax.apply_updates(params, updates), opt_state
 
 
+def averaged_over_replicas(leaf: jax.Array) -> bool:
+    """The one rule for model state across data-parallel replicas: floating leaves (BatchNorm
+    statistics) are averaged; others (integer counters, identical on every replica) are kept as they are."""
+    return jnp.issubdtype(leaf.dtype, jnp.inexact)
+
+
+def replica_state_mean(tree: PyTree, axis_mean: Callable[[jax.Array], jax.Array],
+                       one_replica: Callable[[jax.Array], jax.Array]) -> PyTree:
+    """Model state averaged over replicas by `averaged_over_replicas`: `axis_mean` averages a leaf over
+    the replicas (a mean over a vmapped axis, or a pmean over "data"), `one_replica` takes one replica's."""
+    return jax.tree.map(lambda a: axis_mean(a) if averaged_over_replicas(a) else one_replica(a), tree)
+
+
 def all_finite(tree: PyTree) -> jax.Array:
     """True iff every entry of every leaf is finite (no NaN or inf)."""
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)] or [True]))

@@ -22,7 +22,7 @@ import optax
 
 from fdbp_jax import schedule
 from fdbp_jax.delays import DelayModel
-from fdbp_jax.emulator import Emulator, replica_mean, split_replicas
+from fdbp_jax.emulator import Emulator, replica_mean, replica_state, split_replicas
 from fdbp_jax.stages import (
     LossFn,
     Stage,
@@ -128,7 +128,7 @@ class StochasticEmulator(Emulator):
             new["params"].append(select_tree(has_gradient, updated_params, params))
             new["opt_state"].append(select_tree(has_gradient, updated_opt, opt_state))
             has_forward = schedule.forward_batch(t, k) >= 0
-            new["model_state"].append(select_tree(has_forward, replica_mean(fwd_states[k]), state.model_state[k]))
+            new["model_state"].append(select_tree(has_forward, replica_state(fwd_states[k]), state.model_state[k]))
         new_state = StochasticState(tick=t + 1, act_msgs=act_msgs, label_msgs=label_msgs, **new, **history)
         return new_state, {"loss": loss, "tick": t, "nonfinite": jnp.stack(nonfinite), "delays": delays}
 

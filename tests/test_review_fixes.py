@@ -1,0 +1,79 @@
+"""Defects found in review, each pinned by a test that failed before its fix."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import fdbp_jax as fj
+from fdbp_jax import models, optim
+from fdbp_jax.stages import Stage, split_variables
+
+from toy import batches, conv_stages, cross_entropy, run
+
+
+class Counted(nn.Module):
+    """A dense stage that counts its training forwards in an integer collection."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        count = self.variable("counters", "calls", lambda: jnp.zeros((), jnp.int32))
+        if train:
+            count.value += 1
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("algorithm,mesh_shape", [("fdbp", None), ("fdbp", (2, 2)), ("bp", None), ("bp", (2, 1))])
+def test_integer_model_state_keeps_its_dtype_and_value_on_every_engine(algorithm, mesh_shape):
+    stages = [conv_stages(4)[0], Counted()] if algorithm == "fdbp" else [Counted()]
+    mesh = None if mesh_shape is None else fj.make_mesh(*mesh_shape)
+    trainer = fj.Trainer(stages, cross_entropy, optax.sgd(0.1), mesh=mesh, algorithm=algorithm,
+                         replicas=2 if mesh is None else None)
+    xs, ys = batches(4)
+    state, _ = run(trainer, trainer.init(jax.random.key(0), xs[0]), xs, ys)
+    calls = trainer.stage_variables(state)[-1]["counters"]["calls"]
+    forwards = 4 - (len(stages) - 1)  # the last stage's first forward is at tick K-1
+    assert np.asarray(calls).dtype == np.int32 and int(calls) == forwards
+
+
+class Normalised(nn.Module):
+    """A block outside the library's own block types whose BatchNorm needs `train`."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3))(x))
+
+
+def test_blocks_pass_train_to_any_block_that_takes_it():
+    stage = Stage(models.Blocks((Normalised(), models.Head())))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 8, 8, 3)), jnp.float32)
+    params, state = split_variables(stage.init(jax.random.key(0), x))
+    _, new_state = stage.apply(params, state, x, train=True)
+    before, after = state["batch_stats"], new_state["batch_stats"]
+    assert not np.allclose(jax.tree.leaves(before)[0], jax.tree.leaves(after)[0])  # trained: statistics move
+
+
+def test_staleness_aware_defaults_to_the_cli_power():
+    grads = {"w": jnp.ones(())}
+    first = lambda opt: float(opt.update(grads, opt.init(grads), grads)[0]["w"])
+    per_stage = optim.staleness_aware(optax.sgd(1.0), 3)
+    assert [first(o) for o in per_stage] == pytest.approx([-1 / 5, -1 / 3, -1.0])  # 1 / (1 + 2(K-1-k))
+
+
+@pytest.mark.parametrize("algorithm,mesh_shape", [("bp", (2, 2)), ("bp", (1, 1)), ("fdbp", (2, 2)), ("fdbp", None)])
+def test_no_engine_deletes_the_variables_the_caller_passed_in(algorithm, mesh_shape):
+    xs, ys = batches(3)
+    stages = conv_stages(2)
+    reference = fj.Trainer(stages, cross_entropy, optax.sgd(0.1))
+    before = reference.stage_variables(reference.init(jax.random.key(0), xs[0]))
+    mesh = None if mesh_shape is None else fj.make_mesh(*mesh_shape)
+    # weights already on the devices, as a user who placed them (or took them from a state) has them
+    given = jax.device_put(before, jax.devices()[0] if mesh is None else NamedSharding(mesh, P()))
+    trainer = fj.Trainer(stages, cross_entropy, optax.sgd(0.1), mesh=mesh, algorithm=algorithm)
+    run(trainer, trainer.init(jax.random.key(1), xs[0], variables=given), xs, ys)
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(given))
+    assert jax.tree.all(jax.tree.map(np.array_equal, before, jax.tree.map(np.asarray, given)))
