@@ -31,9 +31,6 @@ class Checkpoints:
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
         self.manager.wait_until_finished()
 
-    def read_meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
     def restore(self, step: int, like: Any) -> tuple[Any, dict]:
         """Restore checkpoint `step` into the structure, shapes and shardings of the state `like`."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)

@@ -179,13 +179,8 @@ def train_and_evaluate(
     mesh = None if config.emulate else make_mesh(config.data_parallel, config.stages)
     prepare_workdir(workdir, resume, overwrite)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    if resume:
-        step = checkpoints.latest_step()
-        if step is None:
-            raise ValueError(f"--resume: no checkpoint in {workdir}/checkpoints; start without --resume")
-        differences = config_differences(checkpoints.read_meta(step)["config"], config)
-        if differences:
-            raise ValueError(f"--resume: the checkpoint in {workdir} was made with other settings: " + "; ".join(differences))
+    if resume and checkpoints.latest_step() is None:
+        raise ValueError(f"--resume: no checkpoint in {workdir}/checkpoints; start without --resume")
     train_data, eval_data = datasets or load_datasets(config)
     if len(train_data) < config.batch_size:
         raise ValueError(f"--batch-size {config.batch_size}: larger than the {len(train_data)} training examples")
@@ -199,8 +194,11 @@ def train_and_evaluate(
     )
     state = trainer.init(jax.random.key(config.seed), np.zeros((config.batch_size, *IMAGE_SHAPE), np.float32))
     position = {"epoch": 0, "index": 0, "history": [], "wall_time_s": 0.0, "epoch_losses": [], "skipped_updates": 0}
-    if resume:
+    if resume:  # the settings are checked against the checkpoint actually restored, before any training
         state, meta, _ = checkpoints.restore_latest(state)
+        differences = config_differences(meta["config"], config)
+        if differences:
+            raise ValueError(f"--resume: the checkpoint in {workdir} was made with other settings: " + "; ".join(differences))
         position = {key: meta[key] for key in position}
     previous_wall, history, skipped = position["wall_time_s"], position["history"], position["skipped_updates"]
     started, train_seconds, train_images, interrupted = time.time(), 0.0, 0, None

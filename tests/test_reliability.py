@@ -215,3 +215,16 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsy
     err = capsys.readouterr().err
     assert "checkpoint 4 in" in err and "is unreadable" in err
     assert [h["epoch"] for h in resumed.summary["history"]] == [1, 2]  # epoch 2 was trained again from tick 2
+
+
+def test_damaged_metadata_of_the_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
+    datasets = (tiny(32), tiny(32, 1))
+    config = Config(**TINY, epochs=2, lr=0.05)
+    train.train_and_evaluate(config, str(tmp_path), datasets=datasets, show_progress=False)
+    damaged = [path for path in (tmp_path / "checkpoints" / "4" / "meta").rglob("*") if path.is_file()]
+    for path in damaged:
+        path.write_text("{not json")
+    assert damaged
+    resumed = train.train_and_evaluate(config, str(tmp_path), resume=True, datasets=datasets, show_progress=False)
+    assert "checkpoint 4 in" in capsys.readouterr().err
+    assert [h["epoch"] for h in resumed.summary["history"]] == [1, 2]  # settings checked on checkpoint 2, used
