@@ -39,9 +39,15 @@ class Config:
     log_every: int = 20
     keep_checkpoints: int = 3
     skip_nonfinite: bool = False  # skip (and count) updates with NaN/inf gradients instead of stopping
-    emulate: bool = False  # run on one device: the FDBP emulator / BP with data_parallel simulated replicas
+    emulate: bool = False  # run on one device: the FDBP emulator / BP, simulating the replicas of `replicas`
     staleness_power: float = 1.0  # FDBP: stage k's updates scaled by (1 + delay_k)^-power (0: off; docs/staleness.md)
     staleness_warmup: int = 0  # FDBP: stage k's updates ramped up over staleness_warmup * delay_k updates
+
+    @property
+    def replicas(self) -> int:
+        """Data-parallel replicas of the run: FDBP keeps N per stage on its K x N devices; BP makes
+        every one of those K x N devices a replica of the whole model. --emulate simulates the same."""
+        return self.data_parallel * (self.stages if self.algorithm == "bp" else 1)
 
     def to_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -80,10 +86,10 @@ def validate(config: Config) -> None:
         raise ValueError(f"--stages {c.stages}: must be between 1 and {num_blocks} (the blocks of {c.model})")
     if c.data_parallel < 1:
         raise ValueError(f"--data-parallel {c.data_parallel}: must be >= 1")
-    if c.batch_size < c.data_parallel or c.batch_size % c.data_parallel:
-        raise ValueError(
-            f"--batch-size {c.batch_size}: must be a positive multiple of --data-parallel {c.data_parallel}"
-        )
+    if c.batch_size < c.replicas or c.batch_size % c.replicas:
+        devices = (f"the {c.replicas} replicas of BP (--stages {c.stages} x --data-parallel {c.data_parallel} devices)"
+                   if c.algorithm == "bp" else f"--data-parallel {c.data_parallel}")
+        raise ValueError(f"--batch-size {c.batch_size}: must be a positive multiple of {devices}")
     if not 0.0 < c.shrink <= 1.0:
         raise ValueError(f"--shrink {c.shrink}: must be in (0, 1]")
     if c.lr <= 0:

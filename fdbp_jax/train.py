@@ -185,12 +185,12 @@ def train_and_evaluate(
     if len(train_data) < config.batch_size:
         raise ValueError(f"--batch-size {config.batch_size}: larger than the {len(train_data)} training examples")
     ticks = data_lib.ticks_per_epoch(len(train_data), config.batch_size)
-    boundaries, _, _ = choose_boundaries(config, blocks, config.batch_size // config.data_parallel)
+    boundaries, _, _ = choose_boundaries(config, blocks, config.batch_size // config.replicas)
     optimizer = make_optimizer(config, ticks)
     trainer = Trainer(
         split_model(blocks, boundaries), cross_entropy, optimizer, mesh=mesh,
         algorithm=config.algorithm, shrink=config.shrink, skip_nonfinite=config.skip_nonfinite,
-        replicas=config.data_parallel if config.emulate else None,
+        replicas=config.replicas if config.emulate else None,
     )
     state = trainer.init(jax.random.key(config.seed), np.zeros((config.batch_size, *IMAGE_SHAPE), np.float32))
     position = {"epoch": 0, "index": 0, "history": [], "wall_time_s": 0.0, "epoch_losses": [], "skipped_updates": 0}
@@ -326,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--skip-nonfinite", action="store_true", default=None,
         help="skip (and count) updates whose gradient has NaN/inf instead of stopping with exit code 3")
     add("--emulate", action="store_true", default=None,
-        help="run on one device (the FDBP emulator, or BP) simulating --data-parallel replicas")
+        help="run on one device, simulating the replicas the mesh run would have (FDBP: --data-parallel per "
+             "stage; BP: --stages x --data-parallel)")
     add("--staleness-power", type=float,
         help="FDBP: scale stage k's updates by (1 + delay_k)^-power (default 1; 0 with --staleness-warmup 0 "
              "switches the control off: plain FDBP)")
@@ -380,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.show_split:
             validate(config)
             blocks = model_blocks(config.model)
-            boundaries, costs, params = choose_boundaries(config, blocks, config.batch_size // config.data_parallel)
+            boundaries, costs, params = choose_boundaries(config, blocks, config.batch_size // config.replicas)
             print(describe_split(blocks, boundaries, costs, params))
             return 0
         summary = train_and_evaluate(

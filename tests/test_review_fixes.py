@@ -77,3 +77,18 @@ def test_no_engine_deletes_the_variables_the_caller_passed_in(algorithm, mesh_sh
     run(trainer, trainer.init(jax.random.key(1), xs[0], variables=given), xs, ys)
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(given))
     assert jax.tree.all(jax.tree.map(np.array_equal, before, jax.tree.map(np.asarray, given)))
+
+
+def test_emulated_bp_simulates_the_replicas_of_the_mesh_run(tmp_path):
+    from fdbp_jax import train
+    from fdbp_jax.config import Config, validate
+    from test_train import TINY, tiny_cifar
+
+    config = Config(**{**TINY, "algorithm": "bp", "emulate": True, "epochs": 1})  # K=2 x N=2 devices
+    assert config.replicas == 4
+    result = train.train_and_evaluate(config, str(tmp_path), datasets=(tiny_cifar(32, 0), tiny_cifar(16, 1)),
+                                      show_progress=False)
+    assert result.trainer.replicas == 4 == fj.Trainer(conv_stages(1), cross_entropy, optax.sgd(0.1),
+                                                     mesh=fj.make_mesh(2, 2), algorithm="bp").replicas
+    with pytest.raises(ValueError, match=r"--batch-size 18: must be a positive multiple of the 4 replicas of BP"):
+        validate(Config(**{**TINY, "algorithm": "bp", "batch_size": 18}))
