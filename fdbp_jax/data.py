@@ -47,6 +47,11 @@ def load_tfds(
                 raise FileNotFoundError("download=False")
             builder.download_and_prepare(file_format="array_record")
         except Exception as err:
+            if isinstance(err, ModuleNotFoundError):  # TFDS's prepare path needs more than reading does
+                raise DatasetUnavailable(
+                    f"preparing {name!r} with tensorflow-datasets needs the module {err.name!r}: install the "
+                    f"project's prepare extra (pip install -e '.[prepare]', or bash .ci/setup) and run again"
+                ) from None
             where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets (TFDS_DATA_DIR is unset)"
             raise DatasetUnavailable(
                 f"dataset {name!r} is not prepared under {where} and could not be downloaded "

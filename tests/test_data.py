@@ -93,3 +93,29 @@ def test_jpeg_tarball_reader(tmp_path):
     assert abs(int(train.images[1].mean()) - 80) <= 2
     with pytest.raises(data_lib.DatasetUnavailable, match="holds no val"):
         data_lib.load_jpeg_tarball(str(path), "val")
+
+
+def cifar10_binary(folder, per_batch: int, test: int):
+    """A tiny archive folder in the cifar-10-binary layout TFDS's builder reads: label byte + 3072 pixels."""
+    root = folder / "cifar-10-batches-bin"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    record = lambda i: np.concatenate([[i % 10], rng.integers(0, 256, 3072)]).astype(np.uint8)
+    for name, count in [(f"data_batch_{i}.bin", per_batch) for i in range(1, 6)] + [("test_batch.bin", test)]:
+        np.stack([record(i) for i in range(count)]).tofile(root / name)
+    (root / "batches.meta.txt").write_text("\n".join(data_lib.CIFAR10_CLASSES) + "\n\n")
+    return str(folder)
+
+
+def test_download_and_prepare_path_works_offline(tmp_path):
+    """TFDS's real prepare path, with the download replaced by a local archive: a dependency it needs
+    that the project does not install fails here, not on a user's machine."""
+    import tensorflow_datasets as tfds
+    from unittest import mock
+
+    archive = cifar10_binary(tmp_path / "download", per_batch=3, test=4)
+    with mock.patch.object(tfds.download.DownloadManager, "download_and_extract", lambda self, url: archive):
+        train = data_lib.load_tfds("cifar10", "train", data_dir=str(tmp_path / "tfds"))
+        test = data_lib.load_tfds("cifar10", "test", data_dir=str(tmp_path / "tfds"))
+    assert train.images.shape == (15, 32, 32, 3) and train.images.dtype == np.uint8 and len(test) == 4
+    assert sorted(train.labels.tolist()) == sorted([i % 10 for i in range(3)] * 5)
