@@ -94,9 +94,19 @@ def validate(config: Config) -> None:
         raise ValueError(f"--shrink {c.shrink}: must be in (0, 1]")
     if c.lr <= 0:
         raise ValueError(f"--lr {c.lr}: must be > 0")
-    for name in ("epochs", "momentum", "weight_decay", "warmup_epochs"):
+    for name in ("epochs", "momentum", "weight_decay", "warmup_epochs", "seed"):
         if getattr(c, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be >= 0")
+    if c.momentum >= 1:
+        raise ValueError(f"--momentum {c.momentum}: must be in [0, 1)")
+    if c.warmup_epochs > c.epochs:
+        raise ValueError(f"--warmup-epochs {c.warmup_epochs}: longer than --epochs {c.epochs}")
+    for name in ("eval_batch_size", "log_every", "keep_checkpoints"):
+        if getattr(c, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be >= 1")
+    if c.schedule == "step" and any(not 0 < e <= c.epochs for e in c.step_epochs):
+        raise ValueError(f"--step-epochs {','.join(map(str, c.step_epochs))}: each must be between 1 and "
+                         f"--epochs {c.epochs}")
     for name in ("train_examples", "eval_examples"):
         value = getattr(c, name)
         if value is not None and value < 1:

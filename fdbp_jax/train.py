@@ -301,8 +301,22 @@ def train_and_evaluate(
     return RunResult(summary, trainer, state)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors (unparsable values, unknown flags) become the CLI's one-line bad input."""
+
+    def error(self, message: str):
+        raise ValueError(message)
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated integers such as 10,19,28") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fdbp-train", description=__doc__.splitlines()[0])
+    p = _Parser(prog="fdbp-train", description=__doc__.splitlines()[0])
     add = p.add_argument
     add("--preset", choices=sorted(PRESETS), help="start from a preset; other flags override it")
     add("--model", help="resnet20|resnet32|resnet44|resnet56|resnet110|cnn")
@@ -317,12 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--momentum", type=float)
     add("--weight-decay", type=float)
     add("--schedule", help="constant|step|cosine")
-    add("--step-epochs", type=lambda s: tuple(int(v) for v in s.split(",") if v), help="e.g. 150,225,275")
+    add("--step-epochs", type=int_list, help="e.g. 150,225,275")
     add("--warmup-epochs", type=float)
     add("--seed", type=int)
     add("--train-examples", type=int)
     add("--eval-examples", type=int)
-    add("--boundaries", type=lambda s: tuple(int(v) for v in s.split(",") if v), help="e.g. 10,19,28")
+    add("--boundaries", type=int_list, help="e.g. 10,19,28")
     add("--skip-nonfinite", action="store_true", default=None,
         help="skip (and count) updates whose gradient has NaN/inf instead of stopping with exit code 3")
     add("--emulate", action="store_true", default=None,
@@ -366,12 +380,26 @@ def simulate_devices(count: int) -> None:
         pass  # backend already running: make_mesh reports a shortage
 
 
+def check_processes(args: argparse.Namespace, config: Config) -> int:
+    """The number of processes, after checking the multi-host flags against it and each other."""
+    processes = args.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+    if processes < 1:
+        raise ValueError(f"--num-processes {processes}: must be >= 1")
+    if args.process_id is not None and not 0 <= args.process_id < processes:
+        raise ValueError(f"--process-id {args.process_id}: must be between 0 and --num-processes - 1 = {processes - 1}")
+    if processes > 1 and config.emulate:
+        raise ValueError(f"--emulate runs on one device of one process: drop it or --num-processes {processes}")
+    return processes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
+        args = build_parser().parse_args(argv)
         config = config_from_args(args)
+        validate(config)
         devices = 1 if config.emulate else max(1, config.stages) * max(1, config.data_parallel)
-        processes = args.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+        processes = check_processes(args, config)
         simulate_devices(max(1, devices // processes))
         if args.coordinator_address or processes > 1:
             distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
@@ -379,7 +407,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fdbp-train: no accelerator, simulating {devices} CPU devices (data={config.data_parallel} x "
                   f"stage={config.stages}) on {os.cpu_count()} cores", flush=True)
         if args.show_split:
-            validate(config)
             blocks = model_blocks(config.model)
             boundaries, costs, params = choose_boundaries(config, blocks, config.batch_size // config.replicas)
             print(describe_split(blocks, boundaries, costs, params))
@@ -388,12 +415,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             config, args.workdir, args.resume, args.overwrite, show_progress=not args.no_progress
         ).summary
     except (ValueError, data_lib.DatasetUnavailable) as err:
-        if args.debug:
+        if debug:
             raise
         print(f"fdbp-train: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Diverged as err:
-        if args.debug:
+        if debug:
             raise
         print(f"fdbp-train: {err}", file=sys.stderr)
         return EXIT_DIVERGED

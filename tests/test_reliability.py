@@ -44,6 +44,18 @@ BAD_INPUT = [
     (["--eval-examples", "0"], "--eval-examples 0: must be >= 1"),
     (["--boundaries", "3,1"], "--boundaries needs K-1 = 1 values for K=2, got 2"),
     (["--stages", "3", "--boundaries", "3,2"], "--boundaries 3,2 must be strictly increasing block indices between 1 and 5"),
+    (["--log-every", "0"], "--log-every 0: must be >= 1"),
+    (["--eval-batch-size", "0"], "--eval-batch-size 0: must be >= 1"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints 0: must be >= 1"),
+    (["--momentum", "1"], "--momentum 1.0: must be in [0, 1)"),
+    (["--seed", "-1"], "--seed -1: must be >= 0"),
+    (["--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs 3.0: longer than --epochs 2"),
+    (["--schedule", "step", "--epochs", "4", "--step-epochs", "2,9"], "--step-epochs 2,9: each must be between 1 and --epochs 4"),
+    (["--stages", "two"], "argument --stages: invalid int value: 'two'"),
+    (["--boundaries", "a,b"], "argument --boundaries: 'a,b' is not comma-separated integers such as 10,19,28"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--num-processes", "2", "--process-id", "2"], "--process-id 2: must be between 0 and --num-processes - 1 = 1"),
+    (["--num-processes", "2", "--emulate"], "--emulate runs on one device of one process"),
 ]
 
 
