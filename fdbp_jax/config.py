@@ -12,7 +12,7 @@ from fdbp_jax.trainer import ALGORITHMS
 
 SCHEDULES = ("constant", "step", "cosine")
 # settings that may change between a run and its resumption without changing its trajectory
-RESUMABLE_CHANGES = ("epochs", "eval_batch_size", "log_every", "keep_checkpoints")
+RESUMABLE_CHANGES = ("epochs", "eval_batch_size", "log_every", "keep_checkpoints", "tensorboard")
 
 
 @dataclasses.dataclass
@@ -42,6 +42,7 @@ class Config:
     emulate: bool = False  # run on one device: the FDBP emulator / BP, simulating the replicas of `replicas`
     staleness_power: float = 1.0  # FDBP: stage k's updates scaled by (1 + delay_k)^-power (0: off; docs/staleness.md)
     staleness_warmup: int = 0  # FDBP: stage k's updates ramped up over staleness_warmup * delay_k updates
+    tensorboard: bool = True  # TensorBoard event files in <workdir>/tensorboard, next to metrics.jsonl
 
     @property
     def replicas(self) -> int:

@@ -27,7 +27,9 @@ from fdbp_jax.checkpoint import Checkpoints
 from fdbp_jax.config import PRESETS, RESUMABLE_CHANGES, Config, validate
 from fdbp_jax.mesh import make_mesh
 from fdbp_jax.models import model_blocks, split_model
-from fdbp_jax.optim import staleness_aware
+from fdbp_jax.optim import delay_factor, staleness_aware
+from fdbp_jax.run_log import RunLog
+from fdbp_jax.schedule import first_update_tick, stage_delay
 from fdbp_jax.partition import block_costs, describe_split, linear_partition
 from fdbp_jax.trainer import Trainer
 
@@ -79,6 +81,20 @@ def make_optimizer(
     if config.algorithm == "fdbp" and (config.staleness_power or config.staleness_warmup):
         return staleness_aware(sgd, config.stages, config.staleness_power, config.staleness_warmup)
     return sgd
+
+
+def learning_rates(config: Config, ticks_per_epoch: int, tick: int) -> list[float]:
+    """Each stage's step size after `tick` ticks: the schedule at the stage's update count (FDBP stage
+    k updates from tick first_update_tick(k, K) on), times its staleness factor."""
+    schedule_fn = lr_schedule(config, ticks_per_epoch)
+    if config.algorithm == "bp":
+        return [float(schedule_fn(tick))] * config.stages
+    rates = []
+    for k in range(config.stages):
+        delay, updates = stage_delay(k, config.stages), max(0, tick - first_update_tick(k, config.stages))
+        ramp = min(1.0, updates / (config.staleness_warmup * delay)) if config.staleness_warmup and delay else 1.0
+        rates.append(float(schedule_fn(updates)) * delay_factor(delay, config.staleness_power) * ramp)
+    return rates
 
 
 def choose_boundaries(config: Config, blocks: Sequence, local_batch: int) -> tuple[list[int], list[float], list[int]]:
@@ -211,12 +227,10 @@ def train_and_evaluate(
         })
 
     main_process = jax.process_index() == 0  # writes metrics and summary; every process checkpoints
-    metrics_path = os.path.join(workdir, "metrics.jsonl") if main_process else os.devnull
-    with open(metrics_path, "a") as log, StopRequest() as stop:
+    with RunLog(workdir, config.tensorboard, enabled=main_process) as log, StopRequest() as stop:
 
         def write(event: dict) -> None:
-            log.write(json.dumps(event) + "\n")
-            log.flush()
+            log.write(event, learning_rates(config, ticks, event["tick"]))
 
         for epoch in range(position["epoch"], config.epochs):
             first = position["index"] if epoch == position["epoch"] else 0
@@ -357,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--overwrite", action="store_true", help="replace a run already in --workdir")
     add("--show-split", action="store_true", help="print the stage split and exit")
     add("--no-progress", action="store_true")
+    add("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
+        help="write metrics.jsonl only, no TensorBoard event files")
     add("--debug", action="store_true", help="show tracebacks")
     return p
 

@@ -47,6 +47,19 @@ def test_cli_end_to_end_on_mock_tfds(tmp_path, capsys):
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and len(summary["devices"]) == 4
     assert summary["config"]["stages"] == 2 and summary["config"]["train_examples"] == 32
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["2", "4"]  # named by tick
+    # the same metrics, read back from the TensorBoard event files
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(os.path.join(workdir, "tensorboard"))
+    board.Reload()
+    scalars = lambda tag: [(s.step, pytest.approx(s.value, rel=1e-6)) for s in board.Scalars(tag)]
+    assert scalars("train/loss") == [(e["tick"], e["loss"]) for e in events if e["event"] == "train" and e["loss"]]
+    assert scalars("eval/test_accuracy") == [(e["tick"], e["test_accuracy"]) for e in events if e["event"] == "eval"]
+    config = Config.from_json(summary["config"])
+    for k in range(2):  # the staleness control: stage 0's step is 1/3 of stage 1's once both update
+        assert [v for _, v in scalars(f"learning_rate/stage{k}")][-1] == train.learning_rates(config, 2, 4)[k]
+    schedule = train.lr_schedule(config, 2)  # after tick 4, stage 0 (delay 2) made 2 updates, stage 1 made 3
+    assert train.learning_rates(config, 2, 4) == pytest.approx([float(schedule(2)) / 3, float(schedule(3))])
 
 
 @pytest.mark.parametrize("algorithm", ["bp"])  # fdbp: test_reliability kills and resumes real runs
@@ -54,8 +67,9 @@ def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path, algorithm
     datasets = (tiny_cifar(48, 0), tiny_cifar(16, 1))
     config = Config(**TINY, epochs=2, algorithm=algorithm)
     whole = train.train_and_evaluate(config, str(tmp_path / "whole"), datasets=datasets, show_progress=False)
-    first = Config(**TINY, epochs=1, algorithm=algorithm)
+    first = Config(**TINY, epochs=1, algorithm=algorithm, tensorboard=False)
     train.train_and_evaluate(first, str(tmp_path / "split"), datasets=datasets, show_progress=False)
+    assert not os.path.exists(tmp_path / "split" / "tensorboard")  # --no-tensorboard
     resumed = train.train_and_evaluate(config, str(tmp_path / "split"), resume=True, datasets=datasets, show_progress=False)
     expected = whole.trainer.stage_variables(whole.state)
     got = resumed.trainer.stage_variables(resumed.state)
