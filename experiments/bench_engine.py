@@ -25,7 +25,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fdbp_jax as fj  # noqa: E402
 from fdbp_jax import costs, models, partition, perf  # noqa: E402
 from fdbp_jax.train import cross_entropy  # noqa: E402
@@ -64,11 +63,8 @@ def per_device_bytes(tree) -> int:
 
 
 def engine_memory(trainer, state, x, y) -> dict:
-    engine = trainer.engine
-    sharding = jax.sharding.NamedSharding(engine.mesh, jax.sharding.PartitionSpec("data"))
-    compiled = engine._step.lower(state, jax.device_put(x, sharding), jax.device_put(y, sharding)).compile()
-    analysis = compiled.memory_analysis()
-    plan = engine.plan
+    analysis = trainer.compiled_step(state, x, y).memory_analysis()
+    plan = trainer.engine.plan
     real = [int(np.prod(s.shape[1:])) for s in plan.in_shapes[1:-1]]
     local_batch = plan.in_shapes[0].shape[0]
     return {

@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
-import jax
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fdbp_jax.config import PRESETS, Config  # noqa: E402
-from fdbp_jax.train import load_datasets, simulate_devices, train_and_evaluate  # noqa: E402
+from fdbp_jax.config import PRESETS, Config
+from fdbp_jax.runner import run_grid
 
 ints = lambda s: [int(v) for v in s.split(",") if v]
 floats = lambda s: [float(v) for v in s.split(",") if v]
@@ -107,20 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--staleness-power", type=float, help="FDBP staleness control (default: the CLI's; 0: off)")
     p.add_argument("--out", default="runs/compare")
     args = p.parse_args(argv)
-    runs = grid(args)
-    simulate_devices(max(c.stages * c.data_parallel for c in runs))
-    print(f"{len(runs)} runs on {len(jax.devices())} {jax.default_backend()} devices", flush=True)
-    datasets = load_datasets(runs[0])
-    results = []
-    os.makedirs(args.out, exist_ok=True)
-    for c in runs:
-        name = f"{c.algorithm}-K{c.stages}-N{c.data_parallel}-b{c.shrink:g}-s{c.seed}"
-        print(f"== {name}", flush=True)
-        summary = train_and_evaluate(c, os.path.join(args.out, name), overwrite=True, datasets=datasets,
-                                     show_progress=False).summary
-        results.append(summary)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
+    runs = [(f"{c.algorithm}-K{c.stages}-N{c.data_parallel}-b{c.shrink:g}-s{c.seed}", c) for c in grid(args)]
+    results = [r for r in run_grid(runs, args.out) if r["diverged"] is None]
     plot(results, os.path.join(args.out, "accuracy.png"))
     print(table(results))
     return 0

@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fdbp_jax as fj  # noqa: E402
 from fdbp_jax.stages import Stage, predict_stages  # noqa: E402
 

@@ -108,7 +108,8 @@ def run_worker(name: str, scratch: str) -> int:
     """One training of the grid (a child process): train_and_evaluate on the decoded data."""
     from fdbp_jax import data as data_lib
     from fdbp_jax.config import Config
-    from fdbp_jax.train import EXIT_INTERRUPTED, train_and_evaluate
+    from fdbp_jax.cli import EXIT_INTERRUPTED
+    from fdbp_jax.train import train_and_evaluate
 
     with open(os.path.join(scratch, "grid.json")) as f:
         config = Config.from_json(json.load(f)[name])

@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 import sys
 
-import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fdbp_jax.config import Config  # noqa: E402
-from fdbp_jax.train import Diverged, load_datasets, simulate_devices, train_and_evaluate  # noqa: E402
+from fdbp_jax.config import Config
+from fdbp_jax.runner import run_grid
 
 ints = lambda s: [int(v) for v in s.split(",") if v]
 CONTROL = re.compile(r"p(?P<power>[0-9.]+)w(?P<warmup>[0-9]+)")
@@ -62,14 +59,6 @@ def grid(args) -> list[tuple[str, Config]]:
                 runs.append((f"FDBP K={k} {control}", dataclasses.replace(
                     base, algorithm="fdbp", stages=k, seed=seed, **control_settings(control))))
     return runs
-
-
-def run_one(name: str, config: Config, workdir: str, datasets) -> dict:
-    try:
-        summary = train_and_evaluate(config, workdir, overwrite=True, datasets=datasets, show_progress=False).summary
-        return {"name": name, "diverged": None, **summary}
-    except Diverged as err:
-        return {"name": name, "diverged": str(err), "config": config.to_json()}
 
 
 def table(results: list[dict]) -> str:
@@ -126,25 +115,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-examples", type=int, default=1000)
     p.add_argument("--out", default="runs/staleness")
     args = p.parse_args(argv)
-    runs = grid(args)
-    simulate_devices(max(c.stages * c.data_parallel for _, c in runs))
-    print(f"{len(runs)} runs on {len(jax.devices())} {jax.default_backend()} devices", flush=True)
-    datasets = load_datasets(runs[0][1])
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "results.json")
-    results = json.load(open(path)) if os.path.exists(path) else []
-    done = {(r["name"], r["config"]["seed"]) for r in results}
-    for name, c in runs:
-        if (name, c.seed) in done:
-            continue
-        print(f"== {name} seed {c.seed}", flush=True)
-        workdir = os.path.join(args.out, re.sub(r"[^A-Za-z0-9.=-]+", "_", f"{name}-s{c.seed}"))
-        results.append(run_one(name, c, workdir, datasets))
-        r = results[-1]
-        print("   diverged: " + r["diverged"] if r["diverged"] else
-              f"   test acc {100 * r['test_accuracy']:.2f}  train loss {r['final_train_loss']:.3f}", flush=True)
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
+    results = run_grid([(f"{name} s{c.seed}", c) for name, c in grid(args)], args.out)
+    for r in results:
+        r["name"] = r["name"].rsplit(" s", 1)[0]  # the table and plot group seeds under one name
     plot(results, os.path.join(args.out, "staleness.png"))
     print(table(results))
     return 0

@@ -88,11 +88,22 @@ class Backprop:
             state = place(state, jax.tree.map(lambda _: NamedSharding(self.mesh, P()), state))
         return state
 
+    @property
+    def batch_sharding(self) -> NamedSharding | None:
+        """How a global batch lies on the mesh (every device a replica); None on one device."""
+        return None if self.mesh is None else NamedSharding(self.mesh, ALL_DEVICES)
+
     def step(self, state: BackpropState, x, y):
-        if self.mesh is not None:
-            x = place(x, NamedSharding(self.mesh, ALL_DEVICES))
-            y = place(y, NamedSharding(self.mesh, ALL_DEVICES))
-        return self._step(state, x, y)
+        return self._step(state, *self._placed(x, y))
+
+    def lower(self, state: BackpropState, x, y) -> jax.stages.Lowered:
+        """The step `step` would run, lowered (for its compiled cost and memory)."""
+        return self._step.lower(state, *self._placed(x, y))
+
+    def _placed(self, x, y):
+        if self.mesh is None:
+            return x, y
+        return place(x, self.batch_sharding), place(y, self.batch_sharding)
 
     def stage_variables(self, state: BackpropState) -> list[dict]:
         return to_host([join_variables(p, s) for p, s in zip(state.params, state.model_state)])

@@ -1,14 +1,20 @@
-"""Checkpoints through orbax: the whole engine state (every stage's params, optimizer and model
+"""Run folders and checkpoints: the workdir checks (never mix two runs; writable before training;
+resume only with the same settings), and orbax checkpoints the whole engine state (every stage's params, optimizer and model
 state, and the in-flight pipeline: stashes and messages) plus JSON metadata (position, config)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from fdbp_jax.config import RESUMABLE_CHANGES, Config
+
+RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard")
 
 
 class Checkpoints:
@@ -59,3 +65,34 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def prepare_workdir(workdir: str, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder; check it is writable before any training."""
+    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(workdir, name))]
+    if existing and not resume and not overwrite:
+        raise ValueError(
+            f"--workdir {workdir} already holds a run ({', '.join(existing)}): pass --resume to continue it "
+            "or --overwrite to replace it"
+        )
+    if overwrite and not resume:
+        for name in existing:
+            path = os.path.join(workdir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"--workdir {workdir} is not writable ({err.strerror}): choose another folder") from None
+
+
+def config_differences(saved: dict, config: Config) -> list[str]:
+    now = config.to_json()
+    return [
+        f"{key} {saved.get(key)!r} (checkpoint) vs {now[key]!r} (now)"
+        for key in now
+        if key not in RESUMABLE_CHANGES and saved.get(key) != now[key]
+    ]

@@ -11,38 +11,49 @@ from fdbp_jax.models import MODELS, model_blocks
 from fdbp_jax.trainer import ALGORITHMS
 
 SCHEDULES = ("constant", "step", "cosine")
+DTYPES = ("float32", "bfloat16")
 # settings that may change between a run and its resumption without changing its trajectory
 RESUMABLE_CHANGES = ("epochs", "eval_batch_size", "log_every", "keep_checkpoints", "tensorboard")
 
 
+def setting(default: Any, help: str, **cli: Any) -> Any:
+    """A Config field: its default and its help, the one place the CLI reads them from (`cli` may name
+    a `flag` other than --field-name)."""
+    return dataclasses.field(default=default, metadata={"help": help, **cli})
+
+
 @dataclasses.dataclass
 class Config:
-    model: str = "resnet20"
-    dataset: str = "cifar10"
-    stages: int = 4
-    data_parallel: int = 2
-    algorithm: str = "fdbp"
-    shrink: float = 1.0
-    epochs: int = 5
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    step_epochs: tuple = ()  # epochs where the step schedule divides lr by 10 (default: 50%, 75%)
-    warmup_epochs: float = 0.0
-    seed: int = 0
-    train_examples: int | None = None
-    eval_examples: int | None = None
-    boundaries: tuple | None = None  # block indices where stages 1..K-1 start; None: cost-balanced
-    eval_batch_size: int = 1000
-    log_every: int = 20
-    keep_checkpoints: int = 3
-    skip_nonfinite: bool = False  # skip (and count) updates with NaN/inf gradients instead of stopping
-    emulate: bool = False  # run on one device: the FDBP emulator / BP, simulating the replicas of `replicas`
-    staleness_power: float = 1.0  # FDBP: stage k's updates scaled by (1 + delay_k)^-power (0: off; docs/staleness.md)
-    staleness_warmup: int = 0  # FDBP: stage k's updates ramped up over staleness_warmup * delay_k updates
-    tensorboard: bool = True  # TensorBoard event files in <workdir>/tensorboard, next to metrics.jsonl
+    """Every training setting, declared once: `fdbp-train` makes one flag per field (--field-name)."""
+
+    model: str = setting("resnet20", "one of: " + ", ".join(MODELS))
+    dataset: str = setting("cifar10", "one of: " + ", ".join(DATASETS))
+    stages: int = setting(4, "K, pipeline stages")
+    data_parallel: int = setting(2, "N, data-parallel replicas per stage (BP: every one of the K x N devices is one)")
+    algorithm: str = setting("fdbp", "fdbp (fully decoupled) or bp (synchronous backprop)")
+    shrink: float = setting(1.0, "gradient shrinking factor beta in (0, 1]")
+    epochs: int = setting(5, "passes over the training set")
+    batch_size: int = setting(128, "global batch per tick")
+    lr: float = setting(0.1, "peak learning rate")
+    momentum: float = setting(0.9, "SGD momentum in [0, 1)")
+    weight_decay: float = setting(5e-4, "coupled (PyTorch-style) weight decay")
+    schedule: str = setting("cosine", "constant | step | cosine (after the linear warm-up)")
+    step_epochs: tuple = setting((), "--schedule step: epochs where lr is divided by 10 (default: 50%, 75%), e.g. 150,225,275")
+    warmup_epochs: float = setting(0.0, "linear learning-rate warm-up, in epochs")
+    seed: int = setting(0, "initialisation, data order and augmentation")
+    train_examples: int | None = setting(None, "use the first N training examples (default: all)")
+    eval_examples: int | None = setting(None, "use the first N test examples (default: all)")
+    boundaries: tuple | None = setting(None, "block indices where stages 1..K-1 start, e.g. 10,19,28 (default: cost-balanced)")
+    eval_batch_size: int = setting(1000, "examples per evaluation batch")
+    log_every: int = setting(20, "ticks between train events in metrics.jsonl and TensorBoard")
+    keep_checkpoints: int = setting(3, "how many recent checkpoints to keep")
+    skip_nonfinite: bool = setting(False, "skip (and count) updates whose gradient has NaN/inf instead of stopping with exit code 3")
+    emulate: bool = setting(False, "run on one device, simulating the replicas the mesh run would have (see `replicas`)")
+    staleness_power: float = setting(1.0, "FDBP: scale stage k's updates by (1 + delay_k)^-power (0: plain FDBP; docs/staleness.md)")
+    staleness_warmup: int = setting(0, "FDBP: ramp stage k's updates up over this many updates per tick of delay")
+    tensorboard: bool = setting(True, "TensorBoard event files in <workdir>/tensorboard, next to metrics.jsonl",
+                                flag="--no-tensorboard")
+    dtype: str = setting("float32", "compute dtype: float32 or bfloat16 (parameters and optimizer state stay float32)")
 
     @property
     def replicas(self) -> int:
@@ -78,7 +89,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 def validate(config: Config) -> None:
     """Raise ValueError naming the first bad setting (flag spelling, value, what is valid)."""
     c = config
-    choices = (("model", MODELS), ("dataset", DATASETS), ("algorithm", ALGORITHMS), ("schedule", SCHEDULES))
+    choices = (("model", MODELS), ("dataset", DATASETS), ("algorithm", ALGORITHMS), ("schedule", SCHEDULES),
+               ("dtype", DTYPES))
     for name, valid in choices:
         if getattr(c, name) not in valid:
             raise ValueError(f"--{name} {getattr(c, name)}: unknown; valid: {', '.join(valid)}")

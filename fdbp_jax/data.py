@@ -1,16 +1,48 @@
-"""CIFAR-10 through `tfds.data_source`: decoded once into memory, shuffled per epoch from a seed,
-augmented with vectorised numpy (random 4-pixel-padded crop, horizontal flip) and normalised."""
+"""Datasets: the registry (`DatasetSpec`: shape, classes, statistics) and the sources of records,
+CIFAR-10 read through `tfds.data_source` (or from a JPEG tarball) and decoded once into memory as a
+random-access `ArrayDataset` that the grain pipeline (`input_pipeline.py`) reads."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 
 import numpy as np
 
 CIFAR10_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 CIFAR10_STD = np.array([0.2470, 0.2435, 0.2616], np.float32)
-DATASETS = ("cifar10",)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What training needs to know of an image dataset: its TFDS name, image shape, classes and the
+    per-channel statistics its images are standardised with."""
+
+    name: str
+    image_shape: tuple[int, int, int]
+    class_names: tuple[str, ...]
+    mean: np.ndarray
+    std: np.ndarray
+    download_host: str  # where TFDS downloads it from
+
+    @property
+    def classes(self) -> int:
+        return len(self.class_names)
+
+
+DATASETS = {"cifar10": DatasetSpec("cifar10", (32, 32, 3), CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD,
+                                   "www.cs.toronto.edu")}
+
+
+def reachable(host: str, port: int = 443, timeout_s: float = 5.0) -> str | None:
+    """None if a connection to host:port opens within the timeout, else why not."""
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+        return None
+    except OSError as err:
+        return str(err) or type(err).__name__
 
 
 class DatasetUnavailable(RuntimeError):
@@ -27,6 +59,10 @@ class ArrayDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.int32]:
+        """One (image, label) record: a random-access source for grain."""
+        return self.images[index], self.labels[index]
+
 
 def load_tfds(
     name: str, split: str, examples: int | None = None, data_dir: str | None = None, download: bool = True
@@ -38,13 +74,16 @@ def load_tfds(
     import tensorflow_datasets as tfds
 
     if name not in DATASETS:
-        raise ValueError(f"dataset {name!r} is not supported: use one of {DATASETS}")
+        raise ValueError(f"dataset {name!r} is not supported: use one of {', '.join(DATASETS)}")
     data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None  # read now: tfds reads it once, at import
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
         try:
             if not download:
                 raise FileNotFoundError("download=False")
+            unreachable = reachable(DATASETS[name].download_host)
+            if unreachable:  # fail now rather than after TFDS's minutes of retries
+                raise ConnectionError(f"cannot reach {DATASETS[name].download_host}: {unreachable}")
             builder.download_and_prepare(file_format="array_record")
         except Exception as err:
             if isinstance(err, ModuleNotFoundError):  # TFDS's prepare path needs more than reading does
@@ -65,9 +104,6 @@ def load_tfds(
         images=np.stack([r["image"] for r in records]).astype(np.uint8),
         labels=np.asarray([r["label"] for r in records], np.int32),
     )
-
-
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def load_jpeg_tarball(path: str, split: str, examples: int | None = None) -> ArrayDataset:
@@ -105,45 +141,3 @@ def _read(source, count: int) -> list:
         return source.__getitems__(list(range(count)))
     except TypeError:
         return [source[i] for i in range(count)]
-
-
-def epoch_order(size: int, seed: int, epoch: int) -> np.ndarray:
-    """The example order of one epoch: a permutation fixed by (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(size)
-
-
-def ticks_per_epoch(size: int, batch_size: int) -> int:
-    """Full global batches in one epoch (the remainder of the shuffled order is skipped)."""
-    return size // batch_size
-
-
-def normalize(images: np.ndarray) -> np.ndarray:
-    """uint8 (..., 3) -> float32, per-channel standardised."""
-    return (images.astype(np.float32) / 255.0 - CIFAR10_MEAN) / CIFAR10_STD
-
-
-def augment(images: np.ndarray, rng: np.random.Generator, padding: int = 4) -> np.ndarray:
-    """Random crop of the zero-padded image and random horizontal flip, for a whole batch at once."""
-    n, height, width, _ = images.shape
-    padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    windows = np.lib.stride_tricks.sliding_window_view(padded, (height, width), axis=(1, 2))
-    dy, dx = rng.integers(0, 2 * padding + 1, size=(2, n))
-    crops = windows[np.arange(n), dy, dx].transpose(0, 2, 3, 1)  # (n, C, H, W) -> (n, H, W, C)
-    flip = rng.random(n) < 0.5
-    return np.where(flip[:, None, None, None], crops[:, :, ::-1], crops)
-
-
-def train_batch(
-    data: ArrayDataset, order: np.ndarray, seed: int, epoch: int, index: int, batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Global batch `index` of an epoch whose example order is `order`: augmented and normalised.
-    Deterministic in its arguments, so a resumed run sees exactly the batches of an uninterrupted one."""
-    chosen = order[index * batch_size : (index + 1) * batch_size]
-    rng = np.random.default_rng([seed, epoch, index, 1])
-    return normalize(augment(data.images[chosen], rng)), data.labels[chosen]
-
-
-def eval_batches(data: ArrayDataset, batch_size: int):
-    """The whole split in order, normalised, in batches (the last one may be smaller)."""
-    for start in range(0, len(data), batch_size):
-        yield normalize(data.images[start : start + batch_size]), data.labels[start : start + batch_size]

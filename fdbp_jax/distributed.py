@@ -57,3 +57,41 @@ def to_host(tree: Any) -> Any:
         return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
 
     return jax.tree.map(get, tree)
+
+
+def process_rows(sharding: jax.sharding.Sharding, batch: int) -> range:
+    """The rows of a (batch, ...) array laid out by `sharding` that this process's devices hold: one
+    contiguous block (a mesh whose "data" rows are ordered by process, as make_mesh builds it)."""
+    blocks = sorted({(s[0].start or 0, batch if s[0].stop is None else s[0].stop)
+                     for s in sharding.addressable_devices_indices_map((batch,)).values()})
+    reach = blocks[0][1]
+    for start, stop in blocks[1:]:
+        if start > reach:
+            raise ValueError(f"this process's devices hold rows {blocks} of the batch, not one block: order the "
+                             "mesh's devices by process (fdbp_jax.make_mesh does) or feed the global batch")
+        reach = max(reach, stop)
+    return range(blocks[0][0], reach)
+
+
+def from_local_rows(local: np.ndarray, sharding: jax.sharding.Sharding, batch: int) -> jax.Array:
+    """A global (batch, ...) jax.Array from this process's rows (`process_rows`) of it."""
+    rows = process_rows(sharding, batch)
+    shape = (batch, *local.shape[1:])
+
+    def shard(index):
+        part = index[0]
+        start = (part.start or 0) - rows.start
+        stop = (batch if part.stop is None else part.stop) - rows.start
+        return local[(slice(start, stop), *index[1:])]
+
+    return jax.make_array_from_callback(shape, sharding, shard)
+
+
+def sum_over_processes(value: float) -> float:
+    """`value` summed over all processes (itself with one process)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return float(np.sum(multihost_utils.process_allgather(np.asarray(value, np.float64))))
+

@@ -110,6 +110,10 @@ class Emulator:
     def step(self, state: EmulatorState, x: jax.Array, y: jax.Array):
         return self._step(state, x, y)
 
+    def lower(self, state: EmulatorState, x: jax.Array, y: jax.Array) -> jax.stages.Lowered:
+        """The tick `step` would run, lowered (for its compiled cost and memory)."""
+        return self._step.lower(state, x, y)
+
     def stage_variables(self, state: EmulatorState) -> list[dict]:
         return jax.device_get([join_variables(p, s) for p, s in zip(state.params, state.model_state)])
 

@@ -207,8 +207,17 @@ class MeshEngine:
     def shardings(self, specs):
         return jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
 
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        """How a global batch lies on the mesh: split over "data", whole on every stage."""
+        return NamedSharding(self.mesh, P("data"))
+
+    def lower(self, state: EngineState, x, y) -> jax.stages.Lowered:
+        """The tick `step` would run, lowered (for its compiled cost and memory)."""
+        return self._step.lower(state, place(x, self.batch_sharding), place(y, self.batch_sharding))
+
     def step(self, state: EngineState, x, y):
-        batch = NamedSharding(self.mesh, P("data"))
+        batch = self.batch_sharding
         state, loss, nonfinite, tick = self._step(state, place(x, batch), place(y, batch))
         return state, {"loss": loss, "tick": tick, "nonfinite": nonfinite}
 

@@ -84,6 +84,8 @@ def unpad_rows(rows: jax.Array, like: jax.ShapeDtypeStruct) -> jax.Array:
 
 def pad_to_multiple(x, multiple: int) -> np.ndarray:
     """Host batch zero-padded along axis 0 to a multiple of `multiple` (so every replica gets a part)."""
+    if isinstance(x, jax.Array) and x.shape[0] % multiple == 0:
+        return x  # already whole (possibly a global array spanning processes)
     x = np.asarray(x)
     pad = (-x.shape[0]) % multiple
     return np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x

@@ -4,7 +4,7 @@ contiguous stages: CIFAR ResNet-20/32/44/56/110 (He et al. 2016), WRN-28-10 (Zag
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -12,7 +12,6 @@ import jax.numpy as jnp
 from fdbp_jax.stages import Stage
 
 RESNET_DEPTHS = (20, 32, 44, 56, 110)
-MODELS = tuple(f"resnet{d}" for d in RESNET_DEPTHS) + ("wrn28_10", "cnn")
 
 
 class ConvBN(nn.Module):
@@ -86,23 +85,43 @@ class Blocks(nn.Module):
         return x
 
 
-def model_blocks(name: str, classes: int = 10) -> list[nn.Module]:
-    """The flat block sequence of a model."""
-    if name == "cnn":
-        widths = [(16, 1), (32, 2), (32, 1), (64, 2), (64, 1)]
-        return [ConvBN(w, s) for w, s in widths] + [Head(classes)]
-    if name == "wrn28_10":
-        blocks = [nn.Conv(16, (3, 3), use_bias=False)]
-        for group, width in enumerate((160, 320, 640)):
-            blocks += [WideBlock(width, 2 if group > 0 and i == 0 else 1) for i in range(4)]
-        return blocks + [Head(classes)]
-    if name.startswith("resnet") and name[6:].isdigit() and int(name[6:]) in RESNET_DEPTHS:
-        per_group = (int(name[6:]) - 2) // 6
+def small_cnn(classes: int) -> list[nn.Module]:
+    """Five conv-BN-ReLU blocks and the head: the quick preset's model."""
+    widths = [(16, 1), (32, 2), (32, 1), (64, 2), (64, 1)]
+    return [ConvBN(w, s) for w, s in widths] + [Head(classes)]
+
+
+def wide_resnet28_10(classes: int) -> list[nn.Module]:
+    blocks: list[nn.Module] = [nn.Conv(16, (3, 3), use_bias=False)]
+    for group, width in enumerate((160, 320, 640)):
+        blocks += [WideBlock(width, 2 if group > 0 and i == 0 else 1) for i in range(4)]
+    return blocks + [Head(classes)]
+
+
+def cifar_resnet(depth: int) -> Callable[[int], list[nn.Module]]:
+    """ResNet-`depth` for CIFAR: a stem, three groups of (depth - 2) / 6 basic blocks, the head."""
+
+    def build(classes: int) -> list[nn.Module]:
+        per_group = (depth - 2) // 6
         blocks: list[nn.Module] = [ConvBN(16)]
         for group, width in enumerate((16, 32, 64)):
             blocks += [BasicBlock(width, 2 if group > 0 and i == 0 else 1) for i in range(per_group)]
         return blocks + [Head(classes)]
-    raise ValueError(f"unknown model {name!r}: use one of {', '.join(MODELS)}")
+
+    return build
+
+
+# the registry: model name -> its block sequence for a number of classes
+MODELS: dict[str, Callable[[int], list[nn.Module]]] = {
+    **{f"resnet{depth}": cifar_resnet(depth) for depth in RESNET_DEPTHS}, "wrn28_10": wide_resnet28_10, "cnn": small_cnn,
+}
+
+
+def model_blocks(name: str, classes: int = 10) -> list[nn.Module]:
+    """The flat block sequence of a registered model."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: use one of {', '.join(MODELS)}")
+    return MODELS[name](classes)
 
 
 def split_model(blocks: Sequence[nn.Module], boundaries: Sequence[int]) -> list[nn.Module]:

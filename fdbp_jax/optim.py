@@ -1,4 +1,5 @@
-"""Staleness-aware step sizes for FDBP, as optax transformations composed after the user's optimizer.
+"""The optimizer and its step sizes: the CLI's SGD and learning-rate schedule, and the staleness-aware
+step sizes for FDBP, as optax transformations composed after the user's optimizer.
 
 Stage k applies gradients that are stage_delay(k, K) = 2(K-1-k) ticks old. Analyses of SGD with
 delayed gradients (e.g. Lian et al. 2015; Stich & Karimireddy 2020) converge when the step size
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import optax
 
-from fdbp_jax.schedule import stage_delay
+from fdbp_jax.config import Config
+from fdbp_jax.schedule import first_update_tick, stage_delay
 
 
 def delay_factor(delay: int, power: float) -> float:
@@ -37,3 +39,49 @@ def staleness_aware(
     """One optimizer per stage for `Trainer(optimizer=...)`, each scaled for that stage's delay
     (power 1 by default, as the CLI: stage k's step / (1 + stage_delay(k, K)))."""
     return [delay_scaled(optimizer, stage_delay(k, num_stages), power, warmup_per_delay) for k in range(num_stages)]
+
+
+def lr_schedule(config: Config, ticks_per_epoch: int) -> optax.Schedule:
+    """Linear warm-up, then constant, step (/10 at `step_epochs`) or cosine decay, in updates."""
+    total = max(1, config.epochs * ticks_per_epoch)
+    warmup = min(total - 1, int(round(config.warmup_epochs * ticks_per_epoch)))
+    if config.schedule == "constant":
+        main = optax.constant_schedule(config.lr)
+    elif config.schedule == "cosine":
+        main = optax.cosine_decay_schedule(config.lr, total - warmup)
+    else:
+        epochs = config.step_epochs or (config.epochs // 2, (3 * config.epochs) // 4)
+        main = optax.piecewise_constant_schedule(
+            config.lr, {max(1, int(e * ticks_per_epoch) - warmup): 0.1 for e in epochs}
+        )
+    if warmup <= 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(config.lr / warmup, config.lr, warmup), main], [warmup])
+
+
+def make_optimizer(
+    config: Config, ticks_per_epoch: int
+) -> optax.GradientTransformation | list[optax.GradientTransformation]:
+    """SGD with (PyTorch-style, coupled) weight decay, momentum and the schedule. For FDBP with the
+    staleness control on (the default), one per stage, its updates scaled for the stage's delay."""
+    sgd = optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(lr_schedule(config, ticks_per_epoch), momentum=config.momentum or None),
+    )
+    if config.algorithm == "fdbp" and (config.staleness_power or config.staleness_warmup):
+        return staleness_aware(sgd, config.stages, config.staleness_power, config.staleness_warmup)
+    return sgd
+
+
+def learning_rates(config: Config, ticks_per_epoch: int, tick: int) -> list[float]:
+    """Each stage's step size after `tick` ticks: the schedule at the stage's update count (FDBP stage
+    k updates from tick first_update_tick(k, K) on), times its staleness factor."""
+    schedule_fn = lr_schedule(config, ticks_per_epoch)
+    if config.algorithm == "bp":
+        return [float(schedule_fn(tick))] * config.stages
+    rates = []
+    for k in range(config.stages):
+        delay, updates = stage_delay(k, config.stages), max(0, tick - first_update_tick(k, config.stages))
+        ramp = min(1.0, updates / (config.staleness_warmup * delay)) if config.staleness_warmup and delay else 1.0
+        rates.append(float(schedule_fn(updates)) * delay_factor(delay, config.staleness_power) * ramp)
+    return rates

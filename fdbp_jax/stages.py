@@ -24,6 +24,7 @@ class Stage:
     than ``params`` (e.g. ``batch_stats``) is model state, updated by training forwards."""
 
     module: nn.Module
+    compute_dtype: Any = None  # e.g. jnp.bfloat16: params and input cast to it for the computation
 
     @property
     def takes_train(self) -> bool:
@@ -33,15 +34,24 @@ class Stage:
         return dict(self.module.init(rng, x, **self._train_kwargs(False)))
 
     def apply(self, params: PyTree, model_state: dict, x: jax.Array, train: bool) -> tuple[jax.Array, dict]:
-        """Run the stage; returns (output, new model state). Inference leaves the state as it is."""
+        """Run the stage; returns (output, new model state). Inference leaves the state as it is. With a
+        compute dtype, the float32 parameters and the input are cast to it (their gradients come back
+        in float32 through the cast) and the output stays in it; model state keeps its own dtypes."""
+        if self.compute_dtype is not None:
+            params, x = cast_floating((params, x), self.compute_dtype)
         variables = {"params": params, **model_state}
         if train and model_state:
             y, new_state = self.module.apply(variables, x, mutable=list(model_state), **self._train_kwargs(True))
-            return y, dict(new_state)
+            return y, jax.tree.map(lambda new, old: new.astype(old.dtype), dict(new_state), model_state)
         return self.module.apply(variables, x, **self._train_kwargs(train)), model_state
 
     def _train_kwargs(self, train: bool) -> dict:
         return {"train": train} if self.takes_train else {}
+
+
+def cast_floating(tree: PyTree, dtype: Any) -> PyTree:
+    """Floating leaves of `tree` cast to `dtype`; other leaves as they are."""
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
 def split_variables(variables: dict) -> tuple[PyTree, dict]:

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from fdbp_jax import distributed
 from fdbp_jax.baselines import Backprop
 from fdbp_jax.delays import DelayModel
 from fdbp_jax.emulator import Emulator
@@ -21,6 +22,8 @@ from fdbp_jax.stages import LossFn, Stage, trace_shapes
 from fdbp_jax.stochastic import StochasticEmulator
 
 ALGORITHMS = ("fdbp", "bp")
+# compute dtype -> what the stages cast parameters and inputs to (None: leave them float32)
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 class Trainer:
@@ -32,7 +35,10 @@ class Trainer:
     engine keeps of each in-flight forward: its input and weights ("recompute", the default: the
     forward runs again in the backward) or its VJP residuals ("residuals": no recomputation, more memory).
     ``delays`` (a `DelayModel`, emulator only) draws each stage's gradient delay at random per tick
-    instead of the fixed 2(K-1-k): FDBP with stochastic staleness.
+    instead of the fixed 2(K-1-k): FDBP with stochastic staleness. ``compute_dtype="bfloat16"``:
+    activations, messages between stages and compute in bfloat16; parameters, gradients, optimizer
+    and BatchNorm state stay float32. In a run of several processes, `step` and `predict` also take
+    just this process's rows of the global batch (`local_rows`), so no process reads the whole batch.
     """
 
     def __init__(
@@ -47,6 +53,7 @@ class Trainer:
         stash: str = "recompute",
         skip_nonfinite: bool = False,
         delays: DelayModel | None = None,
+        compute_dtype: str = "float32",
     ):
         stages = list(stages)
         if not stages or not all(isinstance(s, nn.Module) for s in stages):
@@ -67,7 +74,10 @@ class Trainer:
                     "delays= (stochastic staleness) runs in the FDBP emulator only: use algorithm='fdbp' and "
                     "mesh=None; the mesh engine keeps the fixed schedule"
                 )
-        self.stages = [Stage(m) for m in stages]
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype={compute_dtype!r} is not known: use one of {tuple(COMPUTE_DTYPES)}")
+        self.compute_dtype = compute_dtype
+        self.stages = [Stage(m, COMPUTE_DTYPES[compute_dtype]) for m in stages]
         optimizers = [optimizer] * len(stages) if isinstance(optimizer, optax.GradientTransformation) else list(optimizer)
         if len(optimizers) != len(stages) or not all(isinstance(o, optax.GradientTransformation) for o in optimizers):
             raise ValueError(
@@ -127,6 +137,7 @@ class Trainer:
         if self._batch is None:
             raise ValueError("call trainer.init(...) before trainer.step(...)")
         x_shape, x_dtype, y_shape, y_dtype = self._batch
+        x, y = self._global(x, y, x_shape[0])
         if tuple(x.shape) != tuple(x_shape) or tuple(y.shape) != tuple(y_shape):
             raise ValueError(
                 f"batch shapes x{tuple(x.shape)}, y{tuple(y.shape)} differ from init's x{tuple(x_shape)}, "
@@ -136,12 +147,37 @@ class Trainer:
         as_input = lambda a, dtype: a.astype(dtype) if isinstance(a, jax.Array) else np.asarray(a, dtype)
         return self.engine.step(state, as_input(x, x_dtype), as_input(y, y_dtype))
 
+    def compiled_step(self, state, x, y) -> jax.stages.Compiled:
+        """The compiled tick `step(state, x, y)` runs: its `memory_analysis()` and `cost_analysis()`
+        are what benchmarks read (nothing runs)."""
+        x, y = self._global(x, y, self._batch[0][0]) if self._batch else (x, y)
+        return self.engine.lower(state, x, y).compile()
+
+    def local_rows(self, batch: int) -> range:
+        """The rows of a global batch of `batch` examples that this process's devices use: what it
+        has to read (all of them with one process; a contiguous block of its own with several)."""
+        sharding = getattr(self.engine, "batch_sharding", None)
+        if sharding is None or jax.process_count() == 1:
+            return range(batch)
+        return distributed.process_rows(sharding, batch)
+
+    def _global(self, x, y, batch: int):
+        """Process-local rows (`local_rows`) of a global batch -> global arrays; global batches as they are."""
+        if jax.process_count() == 1 or len(x) == batch or len(x) != len(self.local_rows(batch)):
+            return x, y
+        sharding = self.engine.batch_sharding
+        return (distributed.from_local_rows(np.asarray(x), sharding, batch),
+                distributed.from_local_rows(np.asarray(y), sharding, batch))
+
     def stage_variables(self, state) -> list[dict]:
         """The K stages' flax variable dicts (same structure as init), as host arrays."""
         return self.engine.stage_variables(state)
 
-    def predict(self, state, x) -> jax.Array:
-        """Logits of a full forward with the current weights, in inference mode."""
+    def predict(self, state, x, batch: int | None = None) -> jax.Array:
+        """Logits of a full forward with the current weights, in inference mode. With several
+        processes, `x` may be this process's `local_rows(batch)` of a global batch of `batch`."""
+        if batch is not None:
+            x, _ = self._global(x, np.zeros(len(x), np.int32), batch)
         return self.engine.predict(state, x)
 
     def _check_batch(self, x, y, name: str) -> None:

@@ -1,4 +1,5 @@
-"""The data pipeline: shapes, ranges, determinism, augmentation, the real TFDS reader, the missing-data error."""
+"""The data sources and the grain pipeline: shapes, ranges, determinism, augmentation, per-process rows,
+iterator state, the real TFDS reader and its prepare path, the missing-data error."""
 
 import os
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from fdbp_jax import data as data_lib
+from fdbp_jax import input_pipeline as pipeline
 
 
 def dataset(n=40):
@@ -13,44 +15,80 @@ def dataset(n=40):
     return data_lib.ArrayDataset(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), np.arange(n, dtype=np.int32) % 10)
 
 
+SPEC = data_lib.DATASETS["cifar10"]
+
+
+class Recording(data_lib.ArrayDataset):
+    """A source that remembers which records were read."""
+
+    def __getitem__(self, index):
+        self.read.add(int(index))
+        return super().__getitem__(index)
+
+
 def test_train_batches_are_deterministic_shuffled_and_normalised():
     data = dataset()
-    order = data_lib.epoch_order(len(data), seed=3, epoch=0)
-    x, y = data_lib.train_batch(data, order, 3, 0, 1, 8)
-    x2, y2 = data_lib.train_batch(data, data_lib.epoch_order(len(data), 3, 0), 3, 0, 1, 8)
-    assert x.shape == (8, 32, 32, 3) and x.dtype == np.float32 and y.shape == (8,)
+    epoch0 = pipeline.train_dataset(data, SPEC, seed=3, epoch=0, batch_size=8)
+    assert len(epoch0) == pipeline.ticks_per_epoch(40, 8) == 5
+    x, y = epoch0[1]
+    x2, y2 = pipeline.train_dataset(data, SPEC, seed=3, epoch=0, batch_size=8)[1]
+    assert x.shape == (8, 32, 32, 3) and x.dtype == np.float32 and y.shape == (8,) and y.dtype == np.int32
     np.testing.assert_array_equal(x, x2)
     np.testing.assert_array_equal(y, y2)
-    np.testing.assert_array_equal(y, data.labels[order[8:16]])
-    assert not np.array_equal(order, data_lib.epoch_order(len(data), 3, 1))
-    assert sorted(order) == list(range(len(data)))
-    low = (0 - data_lib.CIFAR10_MEAN) / data_lib.CIFAR10_STD
-    high = (1 - data_lib.CIFAR10_MEAN) / data_lib.CIFAR10_STD
+    labels = np.concatenate([epoch0[t][1] for t in range(5)])
+    assert sorted(labels) == sorted(data.labels)  # every record once per epoch
+    assert not np.array_equal(labels, data.labels)  # shuffled
+    assert not np.array_equal(labels, np.concatenate([b[1] for b in pipeline.train_dataset(data, SPEC, 3, 1, 8)]))
+    low, high = (0 - SPEC.mean) / SPEC.std, (1 - SPEC.mean) / SPEC.std
     assert (x >= low.min() - 1e-6).all() and (x <= high.max() + 1e-6).all()
-    assert data_lib.ticks_per_epoch(40, 16) == 2
 
 
 def test_augment_crops_and_flips():
     images = np.random.default_rng(1).integers(1, 256, (64, 32, 32, 3), dtype=np.uint8)
-    out = data_lib.augment(images, np.random.default_rng(0))
-    assert out.shape == images.shape and out.dtype == images.dtype
+    rng = np.random.default_rng(0)
+    out = [pipeline.augment((image, 0), rng)[0] for image in images]
     # every output is a shifted (zero-filled) and possibly mirrored copy of its input
     for image, crop in zip(images, out):
-        candidates = []
+        assert crop.shape == image.shape and crop.dtype == image.dtype
         padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
-        for dy in range(9):
-            for dx in range(9):
-                window = padded[dy : dy + 32, dx : dx + 32]
-                candidates += [window, window[:, ::-1]]
-        assert any(np.array_equal(crop, c) for c in candidates)
-    assert not np.array_equal(out, images)
+        windows = [padded[dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)]
+        assert any(np.array_equal(crop, w) or np.array_equal(crop, w[:, ::-1]) for w in windows)
+    assert not all(np.array_equal(a, b) for a, b in zip(out, images))
 
 
-def test_eval_batches_cover_the_split_in_order():
+def test_eval_batches_cover_the_split_in_order_padded():
     data = dataset(20)
-    batches = list(data_lib.eval_batches(data, 8))
-    assert [len(y) for _, y in batches] == [8, 8, 4]
-    np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), data.labels)
+    batches = [pipeline.eval_dataset(data, SPEC, 8)[t] for t in range(3)]
+    assert [len(y) for _, y, _ in batches] == [8, 8, 8]
+    valid = np.concatenate([v for _, _, v in batches])
+    assert valid.sum() == 20 and not valid[20:].any()
+    np.testing.assert_array_equal(np.concatenate([y for _, y, _ in batches])[:20], data.labels)
+
+
+def test_each_process_reads_only_its_rows_of_the_global_batch():
+    images, labels = dataset(48).images, dataset(48).labels
+    whole = pipeline.train_dataset(data_lib.ArrayDataset(images, labels), SPEC, 0, 0, 16)
+    parts, reads = [], []
+    for rows in (range(0, 8), range(8, 16)):  # two processes, each feeding half of every global batch
+        source = Recording(images, labels)
+        source.read = set()
+        parts.append([pipeline.train_dataset(source, SPEC, 0, 0, 16, rows)[t] for t in range(3)])
+        reads.append(source.read)
+    for t in range(3):
+        np.testing.assert_array_equal(np.concatenate([parts[0][t][0], parts[1][t][0]]), whole[t][0])
+        np.testing.assert_array_equal(np.concatenate([parts[0][t][1], parts[1][t][1]]), whole[t][1])
+    assert len(reads[0]) == len(reads[1]) == 24 and not reads[0] & reads[1]
+
+
+def test_iterator_state_continues_exactly():
+    epoch = pipeline.train_dataset(dataset(), SPEC, 0, 0, 8)
+    iterator = pipeline.iterate(epoch)
+    next(iterator), next(iterator)
+    state = iterator.get_state()
+    expected = next(iterator)
+    resumed = next(pipeline.iterate(epoch, state))
+    np.testing.assert_array_equal(resumed[0], expected[0])
+    np.testing.assert_array_equal(resumed[1], expected[1])
 
 
 def test_missing_dataset_is_one_clear_error(tmp_path):
@@ -107,13 +145,14 @@ def cifar10_binary(folder, per_batch: int, test: int):
     return str(folder)
 
 
-def test_download_and_prepare_path_works_offline(tmp_path):
+def test_download_and_prepare_path_works_offline(tmp_path, monkeypatch):
     """TFDS's real prepare path, with the download replaced by a local archive: a dependency it needs
     that the project does not install fails here, not on a user's machine."""
     import tensorflow_datasets as tfds
     from unittest import mock
 
     archive = cifar10_binary(tmp_path / "download", per_batch=3, test=4)
+    monkeypatch.setattr(data_lib, "reachable", lambda host: None)  # the download itself is replaced below
     with mock.patch.object(tfds.download.DownloadManager, "download_and_extract", lambda self, url: archive):
         train = data_lib.load_tfds("cifar10", "train", data_dir=str(tmp_path / "tfds"))
         test = data_lib.load_tfds("cifar10", "test", data_dir=str(tmp_path / "tfds"))

@@ -1,5 +1,6 @@
-"""Two processes x 4 CPU devices under jax.distributed (gloo) give the same FDBP run as one process
-with 8 devices: same initial variables, same batches, same final stage variables."""
+"""Two processes x 4 CPU devices under jax.distributed (gloo), each feeding only its rows of every
+global batch, give the same FDBP run as one process with 8 devices: same initial variables, same
+batches, same final stage variables and predictions."""
 
 import os
 import socket
@@ -33,12 +34,14 @@ WORKER = textwrap.dedent("""
     trainer = fj.Trainer(toy.conv_stages(4, batch_norm=True), toy.cross_entropy, optax.sgd(0.05, momentum=0.9),
                          mesh=fj.make_mesh(2, 4))
     state = trainer.init(jax.random.key(7), xs[0])
+    rows = trainer.local_rows(len(xs[0]))  # each process feeds only the rows its devices hold
+    assert len(rows) == len(xs[0]) // 2
     losses = []
     for x, y in zip(xs, ys):
-        state, metrics = trainer.step(state, x, y)
+        state, metrics = trainer.step(state, x[rows.start : rows.stop], y[rows.start : rows.stop])
         losses.append(float(metrics["loss"]))
     leaves = jax.tree.leaves(trainer.stage_variables(state))
-    logits = np.asarray(trainer.predict(state, xs[0]))
+    logits = np.asarray(trainer.predict(state, xs[0][rows.start : rows.stop], len(xs[0])))
     np.savez(sys.argv[3] + f"/process{sys.argv[2]}.npz", losses=np.asarray(losses), logits=logits, *leaves)
     print("OK", flush=True)
 """ % TICKS)

@@ -17,7 +17,7 @@ import toy
 
 import fdbp_jax as fj
 from fdbp_jax import data as data_lib
-from fdbp_jax import train
+from fdbp_jax import cli, train
 from fdbp_jax.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +62,7 @@ BAD_INPUT = [
 @pytest.mark.parametrize("flags,message", BAD_INPUT, ids=[" ".join(f) for f, _ in BAD_INPUT])
 def test_bad_flags_give_one_line_and_exit_code_2(tmp_path, capsys, flags, message):
     workdir = tmp_path / "run"
-    assert train.main(SMALL + ["--workdir", str(workdir)] + flags) == 2
+    assert cli.main(SMALL + ["--workdir", str(workdir)] + flags) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Traceback" not in err
     assert err.startswith("fdbp-train: error: ") and message in err, err
@@ -77,33 +77,33 @@ def write_sentinel(workdir):
 def test_existing_run_is_not_overwritten(tmp_path, capsys):
     workdir = tmp_path / "run"
     write_sentinel(workdir)
-    assert train.main(SMALL + ["--workdir", str(workdir)]) == 2
+    assert cli.main(SMALL + ["--workdir", str(workdir)]) == 2
     assert "already holds a run (summary.json): pass --resume to continue it or --overwrite" in capsys.readouterr().err
     assert (workdir / "summary.json").read_text() == '{"run": "earlier"}'
 
 
 def test_resume_without_checkpoint(tmp_path, capsys):
-    assert train.main(SMALL + ["--workdir", str(tmp_path), "--resume"]) == 2
+    assert cli.main(SMALL + ["--workdir", str(tmp_path), "--resume"]) == 2
     assert f"--resume: no checkpoint in {tmp_path}/checkpoints; start without --resume" in capsys.readouterr().err
 
 
 def test_unwritable_workdir(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert train.main(SMALL + ["--workdir", str(blocker / "run")]) == 2
+    assert cli.main(SMALL + ["--workdir", str(blocker / "run")]) == 2
     assert f"--workdir {blocker}/run is not writable" in capsys.readouterr().err
 
 
 def test_absent_dataset(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "empty"))
-    assert train.main(SMALL + ["--workdir", str(tmp_path / "run"), "--train-examples", "32"]) == 2
+    assert cli.main(SMALL + ["--workdir", str(tmp_path / "run"), "--train-examples", "32"]) == 2
     err = capsys.readouterr().err
     assert "dataset 'cifar10' is not prepared under" in err and "set TFDS_DATA_DIR" in err and err.count("\n") == 1
 
 
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(ValueError, match="--lr 0.0"):
-        train.main(SMALL + ["--workdir", str(tmp_path), "--lr", "0", "--debug"])
+        cli.main(SMALL + ["--workdir", str(tmp_path), "--lr", "0", "--debug"])
 
 
 def tiny(n=64, seed=0):

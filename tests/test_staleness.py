@@ -74,7 +74,8 @@ def test_cli_default_scales_each_fdbp_stage_and_switches_off():
     `--staleness-power 0` gives plain SGD again, and BP never gets it."""
     import dataclasses
 
-    from fdbp_jax.train import build_parser, config_from_args, make_optimizer
+    from fdbp_jax.cli import build_parser, config_from_args
+    from fdbp_jax.optim import make_optimizer
 
     config = config_from_args(build_parser().parse_args(
         ["--stages", "4", "--lr", "0.1", "--momentum", "0", "--weight-decay", "0", "--schedule", "constant"]

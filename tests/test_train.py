@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from fdbp_jax import data as data_lib
-from fdbp_jax import train
+from fdbp_jax import cli, optim, train
 from fdbp_jax.config import PRESETS, Config
 
 
@@ -24,10 +24,11 @@ TINY = dict(model="cnn", stages=2, data_parallel=2, batch_size=16, lr=0.05, sche
             eval_batch_size=16)
 
 
-def test_cli_end_to_end_on_mock_tfds(tmp_path, capsys):
+def test_cli_end_to_end_on_mock_tfds(tmp_path, capsys, monkeypatch):
     workdir = str(tmp_path / "run")
+    monkeypatch.setattr(data_lib, "reachable", lambda host: None)  # mock_data stands in for the download
     with tfds.testing.mock_data(num_examples=48):
-        code = train.main([
+        code = cli.main([
             "--model", "cnn", "--stages", "2", "--data-parallel", "2", "--epochs", "2", "--batch-size", "16",
             "--train-examples", "32", "--eval-examples", "20", "--eval-batch-size", "8", "--log-every", "1",
             "--workdir", workdir, "--no-progress",
@@ -57,9 +58,9 @@ def test_cli_end_to_end_on_mock_tfds(tmp_path, capsys):
     assert scalars("eval/test_accuracy") == [(e["tick"], e["test_accuracy"]) for e in events if e["event"] == "eval"]
     config = Config.from_json(summary["config"])
     for k in range(2):  # the staleness control: stage 0's step is 1/3 of stage 1's once both update
-        assert [v for _, v in scalars(f"learning_rate/stage{k}")][-1] == train.learning_rates(config, 2, 4)[k]
-    schedule = train.lr_schedule(config, 2)  # after tick 4, stage 0 (delay 2) made 2 updates, stage 1 made 3
-    assert train.learning_rates(config, 2, 4) == pytest.approx([float(schedule(2)) / 3, float(schedule(3))])
+        assert [v for _, v in scalars(f"learning_rate/stage{k}")][-1] == optim.learning_rates(config, 2, 4)[k]
+    schedule = optim.lr_schedule(config, 2)  # after tick 4, stage 0 (delay 2) made 2 updates, stage 1 made 3
+    assert optim.learning_rates(config, 2, 4) == pytest.approx([float(schedule(2)) / 3, float(schedule(3))])
 
 
 @pytest.mark.parametrize("algorithm", ["bp"])  # fdbp: test_reliability kills and resumes real runs
@@ -93,7 +94,7 @@ def test_resume_refuses_other_settings(tmp_path):
 
 
 def test_show_split_prints_stages(capsys):
-    assert train.main(["--model", "resnet20", "--stages", "4", "--show-split"]) == 0
+    assert cli.main(["--model", "resnet20", "--stages", "4", "--show-split"]) == 0
     out = capsys.readouterr().out
     assert out.count("BasicBlock") >= 4 and "balance (mean/max stage FLOPs)" in out
 
@@ -105,8 +106,8 @@ def test_presets_are_valid_configs():
 
 
 def test_step_schedule_divides_by_ten_at_the_given_epochs():
-    schedule = train.lr_schedule(Config(lr=0.1, schedule="step", epochs=4, step_epochs=(2, 3)), ticks_per_epoch=10)
+    schedule = optim.lr_schedule(Config(lr=0.1, schedule="step", epochs=4, step_epochs=(2, 3)), ticks_per_epoch=10)
     np.testing.assert_allclose([schedule(i) for i in (0, 19, 20, 29, 30, 39)], [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
-    warm = train.lr_schedule(Config(lr=0.1, schedule="cosine", epochs=2, warmup_epochs=1), ticks_per_epoch=10)
+    warm = optim.lr_schedule(Config(lr=0.1, schedule="cosine", epochs=2, warmup_epochs=1), ticks_per_epoch=10)
     assert float(warm(0)) == pytest.approx(0.01) and float(warm(10)) == pytest.approx(0.1)
     assert float(warm(19)) < 0.01
