@@ -27,7 +27,7 @@ import optax  # noqa: E402
 
 import fdbp_jax as fj  # noqa: E402
 from fdbp_jax import costs, models, partition, perf  # noqa: E402
-from fdbp_jax.train import cross_entropy  # noqa: E402
+from fdbp_jax.losses import cross_entropy  # noqa: E402
 
 
 class Dense(nn.Module):

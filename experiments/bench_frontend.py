@@ -28,7 +28,8 @@ import fdbp_jax as fj  # noqa: E402
 from fdbp_jax import data as data_lib  # noqa: E402
 from fdbp_jax import models, partition, perf  # noqa: E402
 from fdbp_jax.config import Config  # noqa: E402
-from fdbp_jax.train import build_trainer, cross_entropy, train_and_evaluate  # noqa: E402
+from fdbp_jax.losses import cross_entropy  # noqa: E402
+from fdbp_jax.train import build_trainer, train_and_evaluate  # noqa: E402
 
 
 def random_images(n: int, seed: int) -> data_lib.ArrayDataset:

@@ -3,7 +3,14 @@ efficiency curves, then train a grid of BP / FDBP runs concurrently on the one G
 time budget, and leave a few flat files for `experiments/gpu_report.py`.
 
     mkdir -p data && cp ../shared/data/cifar10-jpeg-q75.tar.gz data/      # data/ is git-ignored
+    .venv/bin/pip download --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 grain -d data/wheels
+    rm data/wheels/numpy-*                       # the GPU machine's own numpy stays in use
+    # device tool: carry ["data"], command:
     PYTHONPATH=. python3 experiments/gpu_study.py --tarball data/cifar10-jpeg-q75.tar.gz --out $OUT/gpu-study
+
+The GPU machine has no grain (the input pipeline's library) and no network: the study installs it
+from the carried wheels (--wheels, default data/wheels) into its scratch folder, without an index.
 
 Phases, all inside --budget-s (default 480; the study never runs longer):
 1. decode the JPEG tarball once into a scratch folder (the runs memory-map it);
@@ -20,8 +27,10 @@ Images/s of concurrent runs are shares of one GPU, not standalone speeds.
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -41,7 +50,7 @@ OUT_FILES = ("study.json", "metrics.jsonl", "costs.json", "log.txt")
 # seeds), all on full CIFAR-10 (JPEG-q75 copy), batch 128, one replica per stage (N=1), K=4 with the
 # default staleness control. ResNet-20 at lr 0.1 is already measured (../shared/gpu-runs).
 BASE = dict(batch_size=128, momentum=0.9, weight_decay=5e-4, schedule="cosine", warmup_epochs=1.0,
-            data_parallel=1, emulate=True, eval_batch_size=1000, keep_checkpoints=1, log_every=50)
+            data_parallel=1, emulate=True, eval_batch_size=1000, keep_checkpoints=1, log_every=50, tensorboard=False)
 GRID = {
     "cnn-bp-lr0.05": dict(model="cnn", algorithm="bp", stages=1, lr=0.05),
     "cnn-fdbp4-lr0.05": dict(model="cnn", algorithm="fdbp", stages=4, lr=0.05),
@@ -68,7 +77,7 @@ RUN_SETS = {"first": list(GRID)[:8], "second": list(GRID)[8:]}
 def package_versions() -> dict:
     versions = {}
     for name in ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax", "orbax-checkpoint",
-                 "numpy"):
+                 "numpy", "grain"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -89,6 +98,20 @@ def sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def install_missing_grain(wheels: str, scratch: str) -> str | None:
+    """Where grain was installed from local wheels (no index), or None when this Python has it."""
+    if importlib.util.find_spec("grain") is not None:
+        return None
+    files = sorted(glob.glob(os.path.join(wheels, "*.whl")))
+    if not files:
+        raise SystemExit(f"gpu_study: this Python has no grain and --wheels {wheels} holds no wheels: download them "
+                         "on a machine with an index (see this script's docstring) and carry that folder")
+    site = os.path.join(scratch, "site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--target", site,
+                    *files], check=True)
+    return site
 
 
 def decode_data(tarball: str, scratch: str, train_examples: int | None, eval_examples: int | None) -> dict:
@@ -174,6 +197,8 @@ def main(argv=None) -> int:
     p.add_argument("--costs-batches", default="8,16,32,64,128,256")
     p.add_argument("--costs-stages", default="4,2", help="the K whose stage curves are measured")
     p.add_argument("--scratch", help="folder for decoded data and run folders (default: a new temporary one)")
+    p.add_argument("--wheels", default="data/wheels", help="wheels of grain and its dependencies, installed "
+                   "into the scratch folder where grain is missing (see above)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -216,7 +241,10 @@ def main(argv=None) -> int:
     sizes = decode_data(args.tarball, scratch, args.train_examples, args.eval_examples)
     say(f"decoded {sizes['train']} train + {sizes['test']} test images into {scratch}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(HERE), env.get("PYTHONPATH")]))
+    site = install_missing_grain(args.wheels, scratch)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(HERE), site, env.get("PYTHONPATH")]))
+    if site:
+        say(f"grain installed from {args.wheels} into {site}")
 
     costs_status = "skipped"
     if args.costs_share > 0:

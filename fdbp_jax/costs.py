@@ -32,7 +32,7 @@ import optax
 
 from fdbp_jax import models, partition
 from fdbp_jax.stages import Stage, apply_update, backprop_grads, delayed_grads, last_stage_grads, split_variables
-from fdbp_jax.train import cross_entropy
+from fdbp_jax.losses import cross_entropy
 
 BATCHES = (8, 16, 32, 64, 128, 256)
 

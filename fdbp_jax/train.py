@@ -14,7 +14,6 @@ from typing import Sequence
 
 import jax
 import numpy as np
-import optax
 from tqdm import tqdm
 
 from fdbp_jax import data as data_lib
@@ -22,6 +21,7 @@ from fdbp_jax import distributed
 from fdbp_jax import input_pipeline as pipeline
 from fdbp_jax.checkpoint import Checkpoints, config_differences, prepare_workdir
 from fdbp_jax.config import Config, validate
+from fdbp_jax.losses import cross_entropy
 from fdbp_jax.mesh import make_mesh
 from fdbp_jax.models import model_blocks, split_model
 from fdbp_jax.optim import learning_rates, make_optimizer
@@ -55,10 +55,6 @@ class Position:
 
 class Diverged(RuntimeError):
     """Training produced a non-finite gradient (and --skip-nonfinite was not given)."""
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(np.float32), labels).mean()
 
 
 def choose_boundaries(config: Config, blocks: Sequence, local_batch: int) -> tuple[list[int], list[float], list[int]]:

@@ -110,3 +110,15 @@ def test_study_refuses_bad_input_and_keeps_what_is_there(study, tmp_path):
     assert result.returncode == 2 and "--runs nope" in result.stderr
     result = script("gpu_study.py", "--tarball", str(tmp_path / "missing.tar.gz"), "--out", str(tmp_path / "new"))
     assert result.returncode == 2 and "--tarball" in result.stderr
+
+
+def test_missing_grain_without_wheels_is_one_clear_message(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_study", os.path.join(ROOT, "experiments", "gpu_study.py"))
+    gpu_study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_study)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "grain" else find_spec(name))
+    with pytest.raises(SystemExit, match="no grain and --wheels .* holds no wheels"):
+        gpu_study.install_missing_grain(str(tmp_path), str(tmp_path))
