@@ -46,10 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset; other flags override it")
     for field in dataclasses.fields(Config):
         flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
-        text = f"{field.metadata['help']} (default: {field.default})"
+        help_text = field.metadata["help"].replace("%", "%%")  # argparse formats help with %
+        text = f"{help_text} (default: {field.default})"
         if field.type == "bool":
             action = "store_false" if field.default else "store_true"
-            p.add_argument(flag, dest=field.name, action=action, default=None, help=field.metadata["help"])
+            p.add_argument(flag, dest=field.name, action=action, default=None, help=help_text)
         else:
             p.add_argument(flag, dest=field.name, type=FIELD_TYPES[field.type], metavar=field.name.upper(), help=text)
     add = p.add_argument

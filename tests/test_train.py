@@ -1,5 +1,6 @@
 """The training system end to end on tiny data: CLI files, resume equality, presets and schedules."""
 
+import dataclasses
 import json
 import os
 
@@ -111,3 +112,14 @@ def test_step_schedule_divides_by_ten_at_the_given_epochs():
     warm = optim.lr_schedule(Config(lr=0.1, schedule="cosine", epochs=2, warmup_epochs=1), ticks_per_epoch=10)
     assert float(warm(0)) == pytest.approx(0.01) and float(warm(10)) == pytest.approx(0.1)
     assert float(warm(19)) < 0.01
+
+
+def test_every_setting_has_one_flag_and_help_works(capsys):
+    parser = cli.build_parser()
+    flags = {action.dest: action.option_strings for action in parser._actions}
+    for field in dataclasses.fields(Config):
+        assert field.name in flags and field.metadata["help"], field.name
+    assert flags["tensorboard"] == ["--no-tensorboard"] and flags["batch_size"] == ["--batch-size"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0 and "--staleness-power" in capsys.readouterr().out
