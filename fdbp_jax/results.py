@@ -11,7 +11,7 @@ from typing import Sequence
 
 # settings that say which method ran, not which recipe: a BP and an FDBP run differing only here are a pair
 METHOD_SETTINGS = ("algorithm", "stages", "boundaries", "staleness_power", "staleness_warmup", "shrink", "emulate",
-                   "keep_checkpoints", "log_every", "eval_batch_size", "skip_nonfinite")
+                   "keep_checkpoints", "log_every", "eval_batch_size", "skip_nonfinite", "tensorboard")
 
 
 @dataclasses.dataclass
@@ -38,6 +38,8 @@ class Run:
 
     @property
     def recipe(self) -> tuple:
+        """The settings that make two runs comparable. A run made before a setting existed lacks it, so
+        it pairs only with runs of its own code (e.g. runs before and after the grain input pipeline)."""
         return tuple(sorted((k, json.dumps(v)) for k, v in self.config.items() if k not in METHOD_SETTINGS))
 
 
@@ -80,9 +82,12 @@ def load_runs(path: str) -> list[Run]:
 
 
 def pairs(runs: Sequence[Run]) -> list[tuple[Run, Run]]:
-    """(BP run, FDBP run) for every FDBP run that has a BP run of the same recipe."""
+    """(BP run, FDBP run) for every FDBP run that has a BP run of the same recipe, from the same folder
+    if there is one (runs of one folder share code and machine), else from any."""
     bp = {run.recipe: run for run in runs if run.config["algorithm"] == "bp"}
-    return [(bp[run.recipe], run) for run in runs if run.config["algorithm"] == "fdbp" and run.recipe in bp]
+    bp_here = {(run.source, run.recipe): run for run in runs if run.config["algorithm"] == "bp"}
+    return [(bp_here.get((run.source, run.recipe), bp.get(run.recipe)), run) for run in runs
+            if run.config["algorithm"] == "fdbp" and run.recipe in bp]
 
 
 def gap_row(bp: Run, fdbp: Run) -> dict:
