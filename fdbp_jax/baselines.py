@@ -6,6 +6,7 @@ takes one optax update per step. On a mesh, every device is a replica (the model
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import flax.struct
@@ -22,13 +23,12 @@ from fdbp_jax.mesh import MESH_AXES, num_devices
 from fdbp_jax.stages import (
     LossFn,
     Stage,
-    all_finite,
     apply_update,
     backprop_grads,
+    finish_stage,
     join_variables,
     predict_stages,
     replica_state_mean,
-    select_tree,
     split_variables,
 )
 
@@ -133,14 +133,14 @@ class Backprop:
         return self._update(state, *jax.lax.pmean((loss, grads), MESH_AXES), model_state)
 
     def _update(self, state: BackpropState, loss, grads, model_state):
-        nonfinite = jnp.stack([~all_finite(g) for g in grads])
-        params, opt_state = [], []
-        for k, (p, o, g) in enumerate(zip(state.params, state.opt_state, grads)):
-            new_p, new_o = apply_update(self.optimizers[k], p, o, g)
-            keep = nonfinite[k] if self.skip_nonfinite else False
-            params.append(select_tree(keep, p, new_p))
-            opt_state.append(select_tree(keep, o, new_o))
-        new_state = BackpropState(tick=state.tick + 1, params=params, model_state=list(model_state), opt_state=opt_state)
-        return new_state, {"loss": loss, "tick": state.tick, "nonfinite": nonfinite}
+        """Every stage has a forward and a gradient at every step: the shared end of a stage's tick."""
+        every = jnp.asarray(True)
+        finished = [
+            finish_stage(partial(apply_update, self.optimizers[k]), p, o, s, g, new_s, every, every, self.skip_nonfinite)
+            for k, (p, o, s, g, new_s) in enumerate(zip(state.params, state.opt_state, state.model_state, grads, model_state))
+        ]
+        params, opt_state, new_model_state, nonfinite = (list(part) for part in zip(*finished))
+        new_state = BackpropState(tick=state.tick + 1, params=params, model_state=new_model_state, opt_state=opt_state)
+        return new_state, {"loss": loss, "tick": state.tick, "nonfinite": jnp.stack(nonfinite)}
 
 

@@ -13,6 +13,7 @@ Tick t, stage k (the contract):
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Sequence
 
 import flax.struct
@@ -24,15 +25,14 @@ from fdbp_jax import schedule
 from fdbp_jax.stages import (
     LossFn,
     Stage,
-    all_finite,
     apply_update,
     delayed_grads,
+    finish_stage,
     forward,
     join_variables,
     last_stage_grads,
     predict_stages,
     replica_state_mean,
-    select_tree,
     split_variables,
 )
 
@@ -138,7 +138,7 @@ class Emulator:
                 losses, fwd_state, grads, input_grads = shared_weights(fn, 2)(
                     params, model_state, x_in, labels
                 )
-                loss = jnp.where(schedule.forward_batch(t, k) >= 0, jnp.mean(losses), jnp.nan)
+                loss = jnp.where(schedule.loss_is_valid(t, K), jnp.mean(losses), jnp.nan)
             else:
                 outputs, fwd_state = shared_weights(lambda p, s, h: forward(stage, p, s, h), 1)(
                     params, model_state, x_in
@@ -161,16 +161,14 @@ class Emulator:
                 new["stash_model_state"].append(stash_state)
             if k > 0:
                 grad_msgs[k - 1] = input_grads
-            has_forward = schedule.forward_batch(t, k) >= 0
-            has_gradient = schedule.backward_batch(t, k, K) >= 0
-            grads = replica_mean(grads)
-            nonfinite.append(has_gradient & ~all_finite(grads))
-            if self.skip_nonfinite:
-                has_gradient = has_gradient & ~nonfinite[-1]
-            updated_params, updated_opt = apply_update(self.optimizers[k], params, state.opt_state[k], grads)
-            new["params"].append(select_tree(has_gradient, updated_params, params))
-            new["opt_state"].append(select_tree(has_gradient, updated_opt, state.opt_state[k]))
-            new["model_state"].append(select_tree(has_forward, replica_state(fwd_state), model_state))
+            finished = finish_stage(
+                partial(apply_update, self.optimizers[k]), params, state.opt_state[k], model_state,
+                replica_mean(grads), replica_state(fwd_state), schedule.has_forward(t, k),
+                schedule.has_gradient(t, k, K), self.skip_nonfinite,
+            )
+            for key, value in zip(("params", "opt_state", "model_state"), finished):
+                new[key].append(value)
+            nonfinite.append(finished[3])
         new_state = EmulatorState(
             tick=t + 1, act_msgs=act_msgs, label_msgs=label_msgs, grad_msgs=grad_msgs, **new
         )

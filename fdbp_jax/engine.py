@@ -35,14 +35,13 @@ from fdbp_jax.flat import FlatLayout, pad_rows, pad_to_multiple, padded_sizes, s
 from fdbp_jax.stages import (
     LossFn,
     Stage,
-    all_finite,
     apply_update,
     delayed_grads,
+    finish_stage,
     forward,
     join_variables,
     last_stage_grads,
     replica_state_mean,
-    select_tree,
     split_variables,
 )
 
@@ -265,22 +264,19 @@ class MeshEngine:
         fwd_state = replica_state_mean(fwd_state, lambda a: jax.lax.pmean(a, "data"), lambda a: a)
         loss = jax.lax.pmean(loss, "data")
 
-        has_forward = t >= stage_index
-        has_gradient = t >= table(schedule.first_update_tick)
-        nonfinite = has_gradient & ~all_finite(grads)
-        if self.skip_nonfinite:
-            has_gradient = has_gradient & ~nonfinite
-        updated_params, updated_opt = jax.lax.switch(
-            stage_index, [partial(self._stage_update, k) for k in range(K)], params, opt_state, grads
+        update = lambda p, o, g: jax.lax.switch(stage_index, [partial(self._stage_update, k) for k in range(K)], p, o, g)
+        new_params, new_opt_state, new_model_state, nonfinite = finish_stage(
+            update, params, opt_state, model_state, grads, fwd_state, schedule.has_forward(t, stage_index),
+            schedule.has_gradient(t, stage_index, K), self.skip_nonfinite,
         )
         write = lambda ring, entry: jax.tree.map(lambda r, e: r.at[slot].set(e), ring, entry)
         forward_pairs = [(k, k + 1) for k in range(K - 1)]
         backward_pairs = [(k + 1, k) for k in range(K - 1)]
         new_state = EngineState(
             tick=t + 1,
-            params=select_tree(has_gradient, updated_params, params),
-            model_state=select_tree(has_forward, fwd_state, model_state),
-            opt_state=select_tree(has_gradient, updated_opt, opt_state),
+            params=new_params,
+            model_state=new_model_state,
+            opt_state=new_opt_state,
             stash=jax.tree.map(lambda a: a[None], write(stash, stash_entry)),
             stash_params=write(stash_params, params) if self.stash == "recompute" else stash_params,
             stash_model_state=write(stash_state, model_state) if self.stash == "recompute" else stash_state,
@@ -292,7 +288,7 @@ class MeshEngine:
         new_state = jax.tree.map(lambda a: a[None], new_state.replace(tick=None)).replace(tick=t + 1)
         # metrics replicated on every device, so every process can read them
         loss = jax.lax.psum(jnp.where(stage_index == K - 1, loss, 0.0), "stage")
-        loss = jnp.where(t >= K - 1, loss, jnp.nan)
+        loss = jnp.where(schedule.loss_is_valid(t, K), loss, jnp.nan)
         return new_state, loss, jax.lax.all_gather(nonfinite, "stage"), t
 
     def _stage_work(self, k, params, model_state, x, y, act_in, labels_in, grad_in, used_entry, used_params, used_state):

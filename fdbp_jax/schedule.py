@@ -36,3 +36,19 @@ def stash_slot(tick, k: int, num_stages: int):
     """Ring-buffer slot of the forward stage k ran at `tick`; the backward reads it back
     `stage_delay` ticks later, when the slot is ``stash_slot(tick - stage_delay(k, K), k, K)``."""
     return tick % stash_depth(k, num_stages)
+
+
+def has_forward(tick, k):
+    """Whether stage k runs a real forward at `tick` (its model state updates then): tick >= k."""
+    return forward_batch(tick, k) >= 0
+
+
+def has_gradient(tick, k, num_stages: int):
+    """Whether stage k applies a gradient at `tick`: from first_update_tick(k, K) on."""
+    return backward_batch(tick, k, num_stages) >= 0
+
+
+def loss_is_valid(tick, num_stages: int):
+    """Whether the last stage's loss at `tick` belongs to a real batch: from tick K-1 on."""
+    return has_forward(tick, num_stages - 1)
+

@@ -150,6 +150,23 @@ def select_tree(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
+def finish_stage(
+    update: Callable[[PyTree, PyTree, PyTree], tuple[PyTree, PyTree]], params: PyTree, opt_state: PyTree,
+    model_state: PyTree, grads: PyTree, new_model_state: PyTree, has_forward: jax.Array, has_gradient: jax.Array,
+    skip_nonfinite: bool,
+) -> tuple[PyTree, PyTree, PyTree, jax.Array]:
+    """The end of one stage's tick, the same in every engine, after the gradients and the forward's
+    model state were averaged over the replicas: flag a non-finite gradient, skip it if asked,
+    apply `update` (params, opt_state, grads) -> (params, opt_state) where the stage has a gradient,
+    keep the new model state where it ran a forward. Returns (params, opt_state, model_state, nonfinite)."""
+    nonfinite = has_gradient & ~all_finite(grads)
+    if skip_nonfinite:
+        has_gradient = has_gradient & ~nonfinite
+    new_params, new_opt_state = update(params, opt_state, grads)
+    return (select_tree(has_gradient, new_params, params), select_tree(has_gradient, new_opt_state, opt_state),
+            select_tree(has_forward, new_model_state, model_state), nonfinite)
+
+
 def predict_stages(stages: Sequence[Stage], variables: Sequence[dict], x: jax.Array) -> jax.Array:
     """Full inference forward through all stages."""
     h = x

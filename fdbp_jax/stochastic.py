@@ -13,6 +13,7 @@ boundary crossed, as in the pipeline). With the fixed delays this is the pipelin
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import flax.struct
@@ -26,10 +27,9 @@ from fdbp_jax.emulator import Emulator, replica_mean, replica_state, split_repli
 from fdbp_jax.stages import (
     LossFn,
     Stage,
-    all_finite,
     apply_update,
+    finish_stage,
     forward,
-    select_tree,
     split_variables,
 )
 
@@ -114,21 +114,19 @@ class StochasticEmulator(Emulator):
                 label_msgs.append(labels[k])
             else:
                 losses = jax.vmap(self.loss_fn)(outputs, labels[k])
-                loss = jnp.where(schedule.forward_batch(t, k) >= 0, jnp.mean(losses), jnp.nan)
+                loss = jnp.where(schedule.loss_is_valid(t, K), jnp.mean(losses), jnp.nan)
         delays = self.delay_model(t)
         new = dict(params=[], model_state=[], opt_state=[])
         nonfinite = []
         for k in range(K):
             grads, has_gradient = self._stale_gradient(k, t - delays[k], history)
-            nonfinite.append(has_gradient & ~all_finite(grads))
-            if self.skip_nonfinite:
-                has_gradient = has_gradient & ~nonfinite[-1]
-            params, opt_state = state.params[k], state.opt_state[k]
-            updated_params, updated_opt = apply_update(self.optimizers[k], params, opt_state, grads)
-            new["params"].append(select_tree(has_gradient, updated_params, params))
-            new["opt_state"].append(select_tree(has_gradient, updated_opt, opt_state))
-            has_forward = schedule.forward_batch(t, k) >= 0
-            new["model_state"].append(select_tree(has_forward, replica_state(fwd_states[k]), state.model_state[k]))
+            finished = finish_stage(
+                partial(apply_update, self.optimizers[k]), state.params[k], state.opt_state[k], state.model_state[k],
+                grads, replica_state(fwd_states[k]), schedule.has_forward(t, k), has_gradient, self.skip_nonfinite,
+            )
+            for key, value in zip(("params", "opt_state", "model_state"), finished):
+                new[key].append(value)
+            nonfinite.append(finished[3])
         new_state = StochasticState(tick=t + 1, act_msgs=act_msgs, label_msgs=label_msgs, **new, **history)
         return new_state, {"loss": loss, "tick": t, "nonfinite": jnp.stack(nonfinite), "delays": delays}
 

@@ -127,3 +127,13 @@ def test_warm_up_first_update_ticks(use_mesh):
                 first_change[k] = t
         previous = current
     assert first_change == [2 * (K - 1) - k for k in range(K)] == [6, 5, 4, 3]
+
+
+def test_tick_rules_every_engine_shares():
+    """The K=3 picture of the README: who has a forward, who has a gradient, when the loss is valid."""
+    K = 3
+    forwards = [[schedule.has_forward(t, k) for t in range(6)] for k in range(K)]
+    gradients = [[schedule.has_gradient(t, k, K) for t in range(6)] for k in range(K)]
+    assert forwards == [[True] * 6, [False] + [True] * 5, [False] * 2 + [True] * 4]
+    assert gradients == [[False] * 4 + [True] * 2, [False] * 3 + [True] * 3, [False] * 2 + [True] * 4]
+    assert [schedule.loss_is_valid(t, K) for t in range(4)] == [False, False, True, True]
