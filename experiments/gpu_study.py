@@ -169,19 +169,6 @@ def run_status(run: dict, epochs_completed: int, epochs: int) -> str:
     return f"failed (exit {run.get('returncode')})"
 
 
-def read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a line cut short by SIGKILL
-    return rows
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tarball", default="data/cifar10-jpeg-q75.tar.gz")
@@ -228,6 +215,7 @@ def main(argv=None) -> int:
         log.write(line + "\n")
         log.flush()
 
+    from fdbp_jax import results
     from fdbp_jax.config import Config, validate
 
     configs = {}
@@ -292,7 +280,7 @@ def main(argv=None) -> int:
 
     with open(os.path.join(args.out, "metrics.jsonl"), "w") as metrics:
         for name in names:
-            events = read_jsonl(os.path.join(scratch, name, "metrics.jsonl"))
+            events = results.read_jsonl(os.path.join(scratch, name, "metrics.jsonl"))
             for event in events:
                 metrics.write(json.dumps({"run": name, **event}) + "\n")
             summary_path = os.path.join(scratch, name, "summary.json")

@@ -43,7 +43,10 @@ class Run:
         return tuple(sorted((k, json.dumps(v)) for k, v in self.config.items() if k not in METHOD_SETTINGS))
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str) -> list[dict]:
+    """Every whole JSON line of `path` (none if it does not exist)."""
+    if not os.path.exists(path):
+        return []
     rows = []
     with open(path) as f:
         for line in f:
@@ -60,7 +63,7 @@ def load_runs(path: str) -> list[Run]:
     if os.path.exists(os.path.join(path, "study.json")):
         with open(os.path.join(path, "study.json")) as f:
             study = json.load(f)
-        events = _read_jsonl(os.path.join(path, "metrics.jsonl"))
+        events = read_jsonl(os.path.join(path, "metrics.jsonl"))
         return [
             Run(name, path, run["config"], [e for e in events if e.get("run") == name and e["event"] == "eval"],
                 [e for e in events if e.get("run") == name and e["event"] == "train"],
@@ -70,7 +73,7 @@ def load_runs(path: str) -> list[Run]:
     if os.path.exists(os.path.join(path, "summary.json")) and os.path.exists(os.path.join(path, "metrics.jsonl")):
         with open(os.path.join(path, "summary.json")) as f:
             summary = json.load(f)
-        events = _read_jsonl(os.path.join(path, "metrics.jsonl"))
+        events = read_jsonl(os.path.join(path, "metrics.jsonl"))
         return [Run(os.path.basename(path), os.path.dirname(path), summary["config"],
                     [e for e in events if e["event"] == "eval"], [e for e in events if e["event"] == "train"],
                     summary.get("boundaries"))]
