@@ -21,15 +21,22 @@ def delay_factor(delay: int, power: float) -> float:
     return float((1 + delay) ** -power)
 
 
+def warmup_ramp(delay: int, warmup_per_delay: int) -> optax.Schedule | None:
+    """The multiplier ramping a stage's updates up linearly over warmup_per_delay * delay updates
+    (None: no ramp)."""
+    warmup = warmup_per_delay * delay
+    return optax.linear_schedule(1.0 / warmup, 1.0, warmup) if warmup > 0 else None
+
+
 def delay_scaled(
     optimizer: optax.GradientTransformation, delay: int, power: float = 1.0, warmup_per_delay: int = 0
 ) -> optax.GradientTransformation:
     """`optimizer`'s updates scaled by delay_factor(delay, power), ramped up linearly over the first
     warmup_per_delay * delay updates."""
     parts = [optimizer, optax.scale(delay_factor(delay, power))]
-    warmup = warmup_per_delay * delay
-    if warmup > 0:
-        parts.append(optax.scale_by_schedule(optax.linear_schedule(1.0 / warmup, 1.0, warmup)))
+    ramp = warmup_ramp(delay, warmup_per_delay)
+    if ramp is not None:
+        parts.append(optax.scale_by_schedule(ramp))
     return optax.chain(*parts)
 
 
@@ -82,6 +89,7 @@ def learning_rates(config: Config, ticks_per_epoch: int, tick: int) -> list[floa
     rates = []
     for k in range(config.stages):
         delay, updates = stage_delay(k, config.stages), max(0, tick - first_update_tick(k, config.stages))
-        ramp = min(1.0, updates / (config.staleness_warmup * delay)) if config.staleness_warmup and delay else 1.0
-        rates.append(float(schedule_fn(updates)) * delay_factor(delay, config.staleness_power) * ramp)
+        ramp = warmup_ramp(delay, config.staleness_warmup)
+        rates.append(float(schedule_fn(updates)) * delay_factor(delay, config.staleness_power)
+                     * (1.0 if ramp is None else float(ramp(updates))))
     return rates
