@@ -1,12 +1,13 @@
 """Engine overhead, memory, traffic and the speed model, measured on the 8-device CPU mesh.
 
-    python experiments/bench_engine.py [--steps 20] [--batch 128] [--out runs/bench]
+    python experiments/bench_engine.py [--steps 20] [--batch 128] [--microbatches 4,8,16] [--out runs/bench]
 
 For ResNet-20 and an MLP: wall time per training example of one FDBP tick on a (2, 4) mesh (both
-stash modes) against one BP step on (8, 1) and on (2, 4), all in this process, median of --steps
-steps after warm-up; the tick's compile time and per-device memory; the stash's growth with K; the
-bytes sent between stages per tick; and the speed model's predicted vs measured tick. Writes
-<out>/bench.json. The last line printed is the ResNet-20 ratio FDBP (default stash) / best BP.
+stash modes), of one GPipe and one 1F1B step on the same mesh (each --microbatches M), and of one
+BP step on (8, 1) and on (2, 4), all in this process, median of --steps steps after warm-up; each
+compiled step's per-device memory (`memory_analysis`); FDBP's stash growth with K; the bytes sent
+between stages per tick; and the speed model's predicted vs measured tick. Writes <out>/bench.json.
+The last line printed is the ResNet-20 ratio FDBP (default stash) / best BP.
 """
 
 from __future__ import annotations
@@ -62,9 +63,17 @@ def per_device_bytes(tree) -> int:
     return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(tree))
 
 
+def compiled_memory(trainer, state, x, y) -> dict:
+    """Per-device bytes of the compiled step: its arguments (state and batch), outputs, XLA
+    temporaries, and their sum less what outputs reuse of the arguments (donation): the peak."""
+    analysis = trainer.compiled_step(state, x, y).memory_analysis()
+    sizes = {name: int(getattr(analysis, f"{name}_size_in_bytes", 0)) for name in ("argument", "output", "temp", "alias")}
+    return {**sizes, "peak": sizes["argument"] + sizes["output"] + sizes["temp"] - sizes["alias"]}
+
+
 def engine_memory(trainer, state, x, y) -> dict:
     analysis = trainer.compiled_step(state, x, y).memory_analysis()
-    plan = trainer.engine.plan
+    plan = trainer.engine.packed
     real = [int(np.prod(s.shape[1:])) for s in plan.in_shapes[1:-1]]
     local_batch = plan.in_shapes[0].shape[0]
     return {
@@ -92,6 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--models", default="mlp,resnet20")
+    p.add_argument("--microbatches", default="4,8,16", help="GPipe / 1F1B micro-batches per global batch")
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -112,14 +122,20 @@ def main(argv=None) -> int:
             "bp (2,4)": fj.Trainer(stages, cross_entropy, opt, mesh=fj.make_mesh(2, 4), algorithm="bp"),
             "fdbp (2,4) recompute": fj.Trainer(stages, cross_entropy, opt, mesh=fj.make_mesh(2, 4), stash="recompute"),
             "fdbp (2,4) residuals": fj.Trainer(stages, cross_entropy, opt, mesh=fj.make_mesh(2, 4), stash="residuals"),
+            **{f"{algorithm} (2,4) M={M}": fj.Trainer(stages, cross_entropy, opt, mesh=fj.make_mesh(2, 4),
+                                                     algorithm=algorithm, microbatches=M)
+               for M in map(int, args.microbatches.split(",")) for algorithm in ("gpipe", "1f1b")},
         }
         for label, trainer in runs.items():
             compile_s, step_s, state = timed_steps(trainer, x, y, args.steps)
-            row[label] = {"compile_s": compile_s, "step_s": step_s, "us_per_example": 1e6 * step_s / args.batch}
+            row[label] = {"compile_s": compile_s, "step_s": step_s, "us_per_example": 1e6 * step_s / args.batch,
+                          "compiled_memory": compiled_memory(trainer, state, x, y),
+                          "bubble": getattr(trainer.engine, "bubble_fraction", None)}
             if label.startswith("fdbp"):
                 row[label]["memory"] = engine_memory(trainer, state, x, y)
-            print(f"{name:9s} {label:22s} compile {compile_s:6.1f} s  {1e6 * step_s / args.batch:8.1f} us/example",
-                  flush=True)
+            peak = row[label]["compiled_memory"]["peak"] / 2**20
+            print(f"{name:9s} {label:22s} compile {compile_s:6.1f} s  {1e6 * step_s / args.batch:8.1f} us/example  "
+                  f"peak {peak:7.1f} MiB/device", flush=True)
         best_bp = min(row["bp (8,1)"]["step_s"], row["bp (2,4)"]["step_s"])
         for mode in ("recompute", "residuals"):
             row[f"ratio {mode}"] = row[f"fdbp (2,4) {mode}"]["step_s"] / best_bp

@@ -8,7 +8,7 @@ from typing import Any
 
 from fdbp_jax.data import DATASETS
 from fdbp_jax.models import MODELS, model_blocks
-from fdbp_jax.trainer import ALGORITHMS
+from fdbp_jax.engines import ALGORITHMS
 
 SCHEDULES = ("constant", "step", "cosine")
 DTYPES = ("float32", "bfloat16")
@@ -30,7 +30,9 @@ class Config:
     dataset: str = setting("cifar10", "one of: " + ", ".join(DATASETS))
     stages: int = setting(4, "K, pipeline stages")
     data_parallel: int = setting(2, "N, data-parallel replicas per stage (BP: every one of the K x N devices is one)")
-    algorithm: str = setting("fdbp", "fdbp (fully decoupled) or bp (synchronous backprop)")
+    algorithm: str = setting("fdbp", "fdbp (fully decoupled), bp (synchronous data-parallel backprop), or the "
+                                     "synchronous pipelines gpipe and 1f1b (exactly backprop, see --microbatches)")
+    microbatches: int = setting(1, "gpipe / 1f1b: micro-batches per global batch, M (pipeline bubble (K-1)/(M+K-1))")
     shrink: float = setting(1.0, "gradient shrinking factor beta in (0, 1]")
     epochs: int = setting(5, "passes over the training set")
     batch_size: int = setting(128, "global batch per tick")
@@ -57,9 +59,11 @@ class Config:
 
     @property
     def replicas(self) -> int:
-        """Data-parallel replicas of the run: FDBP keeps N per stage on its K x N devices; BP makes
-        every one of those K x N devices a replica of the whole model. --emulate simulates the same."""
-        return self.data_parallel * (self.stages if self.algorithm == "bp" else 1)
+        """Data-parallel replicas of the run: FDBP and the pipelines keep N per stage on their K x N
+        devices; BP makes every one of those K x N devices a replica of the whole model. --emulate
+        simulates the same."""
+        pipelined = self.algorithm not in ALGORITHMS or ALGORITHMS[self.algorithm].pipelined
+        return self.data_parallel * (1 if pipelined else self.stages)
 
     def to_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -103,6 +107,14 @@ def validate(config: Config) -> None:
         devices = (f"the {c.replicas} replicas of BP (--stages {c.stages} x --data-parallel {c.data_parallel} devices)"
                    if c.algorithm == "bp" else f"--data-parallel {c.data_parallel}")
         raise ValueError(f"--batch-size {c.batch_size}: must be a positive multiple of {devices}")
+    if c.microbatches < 1:
+        raise ValueError(f"--microbatches {c.microbatches}: must be >= 1")
+    if c.microbatches > 1 and not ALGORITHMS[c.algorithm].microbatched:
+        raise ValueError(f"--microbatches {c.microbatches}: only the synchronous pipelines (--algorithm gpipe or "
+                         f"1f1b) split a batch into micro-batches, not --algorithm {c.algorithm}")
+    if c.batch_size % (c.replicas * c.microbatches):
+        raise ValueError(f"--batch-size {c.batch_size}: must be a multiple of --data-parallel {c.data_parallel} x "
+                         f"--microbatches {c.microbatches} = {c.replicas * c.microbatches}")
     if not 0.0 < c.shrink <= 1.0:
         raise ValueError(f"--shrink {c.shrink}: must be in (0, 1]")
     if c.lr <= 0:

@@ -94,7 +94,7 @@ def measure_stage(
 
         def tick(p, o, h_new, h_old, g):
             y = stage.apply(p, model_state, h_new, train=True)[0]
-            d_params, d_input = delayed_grads(stage, p, model_state, h_old, g, k > 0)
+            d_params, d_input, _ = delayed_grads(stage, p, model_state, h_old, g, k > 0)
             return y, d_input, *apply_update(optimizer, p, o, d_params)
 
         tick_args = (params, opt_state, x, _random(x.shape, seed=2), output_grad)

@@ -84,7 +84,7 @@ def learning_rates(config: Config, ticks_per_epoch: int, tick: int) -> list[floa
     """Each stage's step size after `tick` ticks: the schedule at the stage's update count (FDBP stage
     k updates from tick first_update_tick(k, K) on), times its staleness factor."""
     schedule_fn = lr_schedule(config, ticks_per_epoch)
-    if config.algorithm == "bp":
+    if config.algorithm != "fdbp":  # synchronous: every stage updates at every step from the first
         return [float(schedule_fn(tick))] * config.stages
     rates = []
     for k in range(config.stages):

@@ -1,12 +1,14 @@
-"""A speed model: time per global batch of FDBP (K stages x N replicas) and of data-parallel BP on
-the same K*N devices, from measured efficiency curves (seconds of work against the per-device batch,
+"""A speed model: time per global batch of FDBP (K stages x N replicas), of the synchronous pipelines
+(GPipe, 1F1B) on the same layout, and of data-parallel BP on the same K*N devices, from measured efficiency curves (seconds of work against the per-device batch,
 `fdbp_jax.costs`) and a link's bandwidth and latency.
 
 FDBP tick: every stage works at once, so a tick lasts as long as the slowest stage: its tick work on
 B/N examples (forward of the new batch, delayed backward with its recomputed forward, update), the
 send of its activation and receipt of its input-gradient, and the all-reduce of its gradient over N
 replicas. BP step: each of the K*N replicas runs the whole model's step on B/(K*N) examples, then
-all-reduces the whole gradient. Compute comes from the curves, so a device that is launch-bound at
+all-reduces the whole gradient. Synchronous pipeline step: M + K - 1 slots, each as long as the
+slowest stage's forward + backward of one micro-batch of B/(N M) examples, then one update; the
+idle share of the slots is the bubble (K-1)/(M+K-1). Compute comes from the curves, so a device that is launch-bound at
 small batches (a GPU at 16 examples) costs what it was measured to cost, not a linear share.
 """
 
@@ -78,6 +80,7 @@ class StageCost:
     work: Curve
     activation_bytes: float
     param_bytes: float
+    update: float = 0.0  # seconds of one optax update (included in `work`)
 
 
 def fdbp_tick_time(stages: Sequence[StageCost], batch: float, replicas: int, link: Link) -> float:
@@ -89,6 +92,20 @@ def fdbp_tick_time(stages: Sequence[StageCost], batch: float, replicas: int, lin
         receives_grad = link.transfer(local * stages[k - 1].activation_bytes) if k > 0 else 0.0
         times.append(s.work(local) + max(sends, receives_grad) + link.all_reduce(s.param_bytes, replicas))
     return max(times)
+
+
+def pipeline_step_time(stages: Sequence[StageCost], batch: float, replicas: int, microbatches: int,
+                       link: Link) -> float:
+    """Seconds per step of a synchronous pipeline (GPipe or 1F1B: the same time, different memory)
+    training one global batch of `batch` examples in `microbatches` micro-batches."""
+    local = batch / (replicas * microbatches)
+    slots = []
+    for k, s in enumerate(stages):
+        sends = link.transfer(local * s.activation_bytes) if k < len(stages) - 1 else 0.0
+        receives_grad = link.transfer(local * stages[k - 1].activation_bytes) if k > 0 else 0.0
+        slots.append(s.work(local) - s.update + max(sends, receives_grad))
+    finish = max(s.update + link.all_reduce(s.param_bytes, replicas) for s in stages)
+    return (microbatches + len(stages) - 1) * max(slots) + finish
 
 
 def bp_step_time(step: Curve, param_bytes: float, batch: float, devices: int, link: Link) -> float:
@@ -111,7 +128,8 @@ def stage_costs(measured: dict, num_stages: int, bytes_per_element: int = 4) -> 
         raise ValueError(f"the measurement of {measured.get('model')} has no curves for K={num_stages}: "
                          f"measured K are {sorted(measured['splits'])}")
     return [
-        StageCost(Curve(tuple(map(tuple, s["tick"]))), bytes_per_element * s["activation_elements"], 4 * s["param_count"])
+        StageCost(Curve(tuple(map(tuple, s["tick"]))), bytes_per_element * s["activation_elements"], 4 * s["param_count"],
+                  s.get("update_s") or 0.0)
         for s in split["stages"]
     ]
 

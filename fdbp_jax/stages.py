@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -89,18 +90,20 @@ def last_stage_grads(
 
 def delayed_grads(
     stage: Stage, params: PyTree, model_state: dict, x: jax.Array, output_grad: jax.Array, input_grad: bool
-) -> tuple[PyTree, jax.Array | None]:
+) -> tuple[PyTree, jax.Array | None, dict]:
     """Backpropagate `output_grad` through the forward that ran on `x` with `params`, `model_state`
-    (the ones stashed when that forward ran): (dparams, dinput or None)."""
+    (the ones stashed when that forward ran), running it again: (dparams, dinput or None, the
+    model state that forward returns)."""
 
     def out_of(p, inputs):
-        return stage.apply(p, model_state, inputs, train=True)[0]
+        return stage.apply(p, model_state, inputs, train=True)
 
     if input_grad:
-        _, vjp = jax.vjp(out_of, params, x)
-        return vjp(output_grad)
-    _, vjp = jax.vjp(lambda p: out_of(p, x), params)
-    return vjp(output_grad)[0], None
+        _, vjp, new_state = jax.vjp(out_of, params, x, has_aux=True)
+        d_params, d_input = vjp(output_grad)
+        return d_params, d_input, new_state
+    _, vjp, new_state = jax.vjp(lambda p: out_of(p, x), params, has_aux=True)
+    return vjp(output_grad)[0], None, new_state
 
 
 def backprop_grads(
@@ -140,6 +143,21 @@ def replica_state_mean(tree: PyTree, axis_mean: Callable[[jax.Array], jax.Array]
     return jax.tree.map(lambda a: axis_mean(a) if averaged_over_replicas(a) else one_replica(a), tree)
 
 
+def split_replicas(x: jax.Array, replicas: int) -> jax.Array:
+    """(B, ...) -> (replicas, B / replicas, ...): replica r gets the r-th contiguous slice."""
+    return x.reshape(replicas, x.shape[0] // replicas, *x.shape[1:])
+
+
+def replica_mean(tree: Any) -> Any:
+    """Gradients (or losses) averaged over the leading replica axis."""
+    return jax.tree.map(lambda a: jnp.mean(a, axis=0), tree)
+
+
+def replica_state(tree: Any) -> Any:
+    """Model state of the replicas (leading axis) merged by the one rule of `replica_state_mean`."""
+    return replica_state_mean(tree, lambda a: jnp.mean(a, axis=0), lambda a: a[0])
+
+
 def all_finite(tree: PyTree) -> jax.Array:
     """True iff every entry of every leaf is finite (no NaN or inf)."""
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)] or [True]))
@@ -165,6 +183,21 @@ def finish_stage(
     new_params, new_opt_state = update(params, opt_state, grads)
     return (select_tree(has_gradient, new_params, params), select_tree(has_gradient, new_opt_state, opt_state),
             select_tree(has_forward, new_model_state, model_state), nonfinite)
+
+
+def synchronous_update(
+    optimizers: Sequence[optax.GradientTransformation], params: list, opt_state: list, model_state: list,
+    grads: list, new_model_state: list, skip_nonfinite: bool,
+) -> tuple[list, list, list, jax.Array]:
+    """The end of a step in which every stage ran forwards and has a gradient (BP, GPipe, 1F1B): the
+    shared `finish_stage` of each stage. Returns (params, opt_state, model_state, K nonfinite flags)."""
+    every = jnp.asarray(True)
+    finished = [
+        finish_stage(partial(apply_update, o), p, os, s, g, new_s, every, every, skip_nonfinite)
+        for o, p, os, s, g, new_s in zip(optimizers, params, opt_state, model_state, grads, new_model_state)
+    ]
+    new_params, new_opt_state, new_state, nonfinite = (list(part) for part in zip(*finished))
+    return new_params, new_opt_state, new_state, jnp.stack(nonfinite)
 
 
 def predict_stages(stages: Sequence[Stage], variables: Sequence[dict], x: jax.Array) -> jax.Array:

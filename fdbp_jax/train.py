@@ -80,6 +80,7 @@ def build_trainer(config: Config, ticks_per_epoch: int, mesh) -> tuple[Trainer, 
         split_model(blocks, boundaries), cross_entropy, make_optimizer(config, ticks_per_epoch),
         mesh=mesh, algorithm=config.algorithm, shrink=config.shrink, skip_nonfinite=config.skip_nonfinite,
         replicas=config.replicas if config.emulate else None, compute_dtype=config.dtype,
+        microbatches=config.microbatches,
     )
     return trainer, boundaries
 
@@ -252,6 +253,7 @@ def train_and_evaluate(
         "skipped_updates": position.skipped_updates,
         "interrupted_at": None if interrupted is None else {"epoch": interrupted[0], "index": interrupted[1]},
         "boundaries": boundaries,
+        "pipeline_bubble": getattr(trainer.engine, "bubble_fraction", None),  # gpipe / 1f1b: idle share of a step
         "history": history,
         "config": config.to_json(),
         "jax_version": jax.__version__,

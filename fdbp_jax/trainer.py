@@ -1,5 +1,6 @@
-"""`Trainer`: the public entry point. Picks the engine (mesh or emulator, FDBP or BP), builds the
-initial state, and checks inputs so that mistakes surface as one clear ValueError."""
+"""`Trainer`: the public entry point. Builds the engine of the chosen algorithm (`engines.ALGORITHMS`,
+on a mesh or emulated on one device), the initial state, and checks inputs so that mistakes
+surface as one clear ValueError."""
 
 from __future__ import annotations
 
@@ -12,25 +13,24 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from fdbp_jax import distributed
-from fdbp_jax.baselines import Backprop
+from fdbp_jax import distributed, engines
 from fdbp_jax.delays import DelayModel
-from fdbp_jax.emulator import Emulator
-from fdbp_jax.engine import STASH_MODES, MeshEngine
+from fdbp_jax.engines import STASH_MODES, Engine, EngineOptions
 from fdbp_jax.mesh import check_mesh, num_devices
 from fdbp_jax.stages import LossFn, Stage, trace_shapes
-from fdbp_jax.stochastic import StochasticEmulator
 
-ALGORITHMS = ("fdbp", "bp")
+ALGORITHMS = tuple(engines.ALGORITHMS)
 # compute dtype -> what the stages cast parameters and inputs to (None: leave them float32)
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 class Trainer:
-    """Train K stages with fully decoupled backprop ("fdbp") or synchronous backprop ("bp").
+    """Train K stages with fully decoupled backprop ("fdbp"), synchronous data-parallel backprop
+    ("bp"), or a synchronous pipeline ("gpipe", "1f1b": each step one global batch in
+    ``microbatches`` micro-batches, exactly backprop; see `engines/pipeline.py`).
 
-    With a mesh, FDBP runs stage k on the devices of mesh column k, replicated over "data"; BP
-    replicates the whole model on every device. With ``mesh=None`` the single-device emulator runs
+    With a mesh, FDBP and the pipelines run stage k on the devices of mesh column k, replicated
+    over "data"; BP replicates the whole model on every device. With ``mesh=None`` the single-device emulator runs
     the same algorithm, simulating ``replicas`` data-parallel workers. ``stash`` picks what the mesh
     engine keeps of each in-flight forward: its input and weights ("recompute", the default: the
     forward runs again in the backward) or its VJP residuals ("residuals": no recomputation, more memory).
@@ -54,6 +54,7 @@ class Trainer:
         skip_nonfinite: bool = False,
         delays: DelayModel | None = None,
         compute_dtype: str = "float32",
+        microbatches: int = 1,
     ):
         stages = list(stages)
         if not stages or not all(isinstance(s, nn.Module) for s in stages):
@@ -74,6 +75,14 @@ class Trainer:
                     "delays= (stochastic staleness) runs in the FDBP emulator only: use algorithm='fdbp' and "
                     "mesh=None; the mesh engine keeps the fixed schedule"
                 )
+        spec = engines.ALGORITHMS[algorithm]
+        if not isinstance(microbatches, int) or microbatches < 1:
+            raise ValueError(f"microbatches={microbatches!r} must be a positive integer")
+        if microbatches > 1 and not spec.microbatched:
+            raise ValueError(
+                f"microbatches={microbatches} applies to the synchronous pipelines "
+                f"({', '.join(n for n, a in engines.ALGORITHMS.items() if a.microbatched)}), not {algorithm!r}"
+            )
         if compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype={compute_dtype!r} is not known: use one of {tuple(COMPUTE_DTYPES)}")
         self.compute_dtype = compute_dtype
@@ -84,26 +93,18 @@ class Trainer:
                 f"optimizer must be one optax.GradientTransformation or a list of {len(stages)} (one per stage)"
             )
         self.algorithm = algorithm
+        self.microbatches = microbatches
         self.mesh = mesh
         if mesh is not None:
-            check_mesh(mesh, len(stages) if algorithm == "fdbp" else None)
-            self.replicas = mesh.shape["data"] if algorithm == "fdbp" else num_devices(mesh)
+            check_mesh(mesh, len(stages) if spec.pipelined else None)
+            self.replicas = mesh.shape["data"] if spec.pipelined else num_devices(mesh)
             if replicas is not None and replicas != self.replicas:
                 raise ValueError(f"replicas={replicas} disagrees with the mesh, which gives {self.replicas}")
         else:
             self.replicas = replicas or 1
-        if algorithm == "bp":
-            self.engine: Any = Backprop(
-                self.stages, loss_fn, optimizers, replicas=self.replicas, mesh=mesh, skip_nonfinite=skip_nonfinite
-            )
-        elif delays is not None:
-            self.engine = StochasticEmulator(
-                self.stages, loss_fn, optimizers, float(shrink), self.replicas, delays, skip_nonfinite
-            )
-        elif mesh is None:
-            self.engine = Emulator(self.stages, loss_fn, optimizers, float(shrink), self.replicas, skip_nonfinite)
-        else:
-            self.engine = MeshEngine(self.stages, loss_fn, optimizers, float(shrink), mesh, stash, skip_nonfinite)
+        options = EngineOptions(mesh=mesh, replicas=self.replicas, shrink=float(shrink), stash=stash,
+                                skip_nonfinite=skip_nonfinite, delays=delays, microbatches=microbatches)
+        self.engine: Engine = spec.build(self.stages, loss_fn, optimizers, options)
         self._batch: tuple | None = None
 
     @property
@@ -131,7 +132,8 @@ class Trainer:
 
     def step(self, state, x, y) -> tuple[Any, dict]:
         """One tick: batch (x, y) enters stage 0; returns the new state and metrics: "loss" (of the
-        batch at the last stage; NaN in warm-up), "tick", and "nonfinite" (K flags: stages whose
+        batch at the last stage; NaN in FDBP's warm-up; bp and the synchronous pipelines give this
+        batch's loss at every step), "tick", and "nonfinite" (K flags: stages whose
         gradient this tick had a NaN/inf; with skip_nonfinite=True their update was skipped); with
         ``delays``, also "delays" (the K delays drawn for this tick)."""
         if self._batch is None:
@@ -156,7 +158,7 @@ class Trainer:
     def local_rows(self, batch: int) -> range:
         """The rows of a global batch of `batch` examples that this process's devices use: what it
         has to read (all of them with one process; a contiguous block of its own with several)."""
-        sharding = getattr(self.engine, "batch_sharding", None)
+        sharding = self.engine.batch_sharding
         if sharding is None or jax.process_count() == 1:
             return range(batch)
         return distributed.process_rows(sharding, batch)
@@ -187,6 +189,11 @@ class Trainer:
             raise ValueError(
                 f"global batch {x.shape[0]} is not divisible by the data-parallel size {self.replicas}: "
                 f"use a batch that is a multiple of {self.replicas}"
+            )
+        if x.shape[0] % (self.replicas * self.microbatches):
+            raise ValueError(
+                f"global batch {x.shape[0]} does not split into {self.microbatches} micro-batches on each of "
+                f"{self.replicas} replicas: use a batch that is a multiple of {self.replicas * self.microbatches}"
             )
         if y.shape[:1] != x.shape[:1]:
             raise ValueError(f"labels have batch {y.shape[:1]} but inputs have {x.shape[:1]}")

@@ -27,9 +27,9 @@ def mesh_and_emulator(num_stages, data, optimizer, shrink, batch_norm=False, tic
     return (emulator, state, emulator_losses), (engine, mesh_state, mesh_losses), initial, xs
 
 
+# (K=4, N=2, SGD) is in the shared contract suite, tests/test_engines.py
 @pytest.mark.parametrize("num_stages", [1, 2, 4])
-@pytest.mark.parametrize("data", [1, 2])
-@pytest.mark.parametrize("optimizer,shrink", [("sgd_momentum", 1.0), ("adam", 0.5)])
+@pytest.mark.parametrize("data,optimizer,shrink", [(1, "sgd_momentum", 1.0), (2, "adam", 0.5)])
 def test_mesh_engine_matches_emulator(num_stages, data, optimizer, shrink):
     (emulator, state, emu_losses), (engine, mesh_state, mesh_losses), initial, xs = mesh_and_emulator(
         num_stages, data, optimizer, shrink
@@ -56,7 +56,7 @@ def test_batch_norm_stages_match_emulator(num_stages, stash):
     np.testing.assert_allclose(engine.predict(mesh_state, xs[1]), emulator.predict(state, xs[1]), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("data", [1, 2])
+@pytest.mark.parametrize("data", [2])
 def test_residual_stash_matches_emulator_with_adam_and_shrink(data):
     (emulator, state, emu_losses), (engine, mesh_state, mesh_losses), _, _ = mesh_and_emulator(
         4, data, "adam", 0.5, stash="residuals"

@@ -79,16 +79,20 @@ def test_study_curves_feed_the_speed_model(study):
     assert len(stages) == 2 and all(s.work(8) > 0 for s in stages)
     predicted = os.path.join(out, "..", "predicted.json")
     result = script("predict_speedup.py", "--costs", os.path.join(out, "costs.json"), "--runs", out, "--target", "0",
-                    "--devices", "2,4", "--batches", "128", "--out", predicted)
+                    "--devices", "2,4", "--batches", "128", "--microbatches", "8", "--out", predicted)
     assert result.returncode == 0, result.stderr
     rows = {(r["devices"], r["method"]): r for r in json.load(open(predicted))["rows"]}
-    assert set(rows) == {(2, "BP"), (2, "FDBP K=2 x N=1"), (4, "BP"), (4, "FDBP K=2 x N=2")}
+    assert set(rows) == {(2, "BP"), (2, "FDBP K=2 x N=1"), (2, "GPipe/1F1B K=2 M=8 x N=1"), (4, "BP"),
+                         (4, "FDBP K=2 x N=2"), (4, "GPipe/1F1B K=2 M=8 x N=2")}
     step, param_bytes = perf.bp_costs(measured)
     link = perf.Link(450e9, 10e-6)
     assert rows[(4, "BP")]["ms"] == pytest.approx(1e3 * perf.bp_step_time(step, param_bytes, 128, 4, link))
     assert rows[(4, "FDBP K=2 x N=2")]["ms"] == pytest.approx(1e3 * perf.fdbp_tick_time(stages, 128, 2, link))
     assert rows[(4, "BP")]["ticks"] == 4 and rows[(4, "BP")]["time_to_target"] == pytest.approx(4e-3 * rows[(4, "BP")]["ms"])
     assert rows[(2, "FDBP K=2 x N=1")]["ticks"] is None  # no K=2 run was trained
+    pipeline = rows[(4, "GPipe/1F1B K=2 M=8 x N=2")]  # exactly backprop: BP's ticks, its own step time
+    assert pipeline["local_batch"] == 8 and pipeline["ticks"] == 4
+    assert pipeline["ms"] == pytest.approx(1e3 * perf.pipeline_step_time(stages, 128, 2, 8, link))
 
 
 def test_report_reads_the_study(study, tmp_path):

@@ -24,7 +24,7 @@ def trained(compute_dtype, mesh_shape=(2, 2), ticks=6):
 def test_bfloat16_messages_are_half_the_bytes_and_state_stays_float32():
     full_trainer, full_state, full_losses = trained("float32")
     half_trainer, half_state, half_losses = trained("bfloat16")
-    assert half_trainer.engine.plan.message_dtype == jnp.bfloat16
+    assert half_trainer.engine.packed.message_dtype == jnp.bfloat16
     assert half_state.act_msg.dtype == half_state.grad_msg.dtype == jnp.bfloat16
     assert half_state.act_msg.nbytes * 2 == full_state.act_msg.nbytes
     for tree in (half_state.params, half_state.opt_state, half_state.model_state):

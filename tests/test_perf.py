@@ -53,6 +53,20 @@ def test_launch_bound_devices_favour_the_pipeline():
     assert perf.fdbp_tick_time(stages, 128, 2, slow_link) == pytest.approx(1 + 2)
 
 
+def test_pipeline_step_is_m_plus_k_minus_one_slots_and_one_update():
+    # batch 8, N = 2, M = 2: micro-batches of 2 examples, 6 s of work of which the update is 1 s: 5 s of
+    # forward + backward, 2 + 2 - 1 = 3 slots; stage 0 sends 20 bytes (1.2 s) -> 3 * 6.2 s, then the 1 s
+    # update and the 3 s all-reduce once
+    stages = [perf.StageCost(perf.Curve.linear(3.0), 10.0, 100.0, update=1.0) for _ in range(2)]
+    assert perf.pipeline_step_time(stages, 8, 2, 2, LINK) == pytest.approx(3 * 6.2 + 1 + 3)
+    # with a free link and no update, the bubble is all the pipeline loses against FDBP's tick
+    free = perf.Link(float("inf"), 0.0)
+    for M in (1, 4, 16):
+        bubble = (2 - 1) / (M + 2 - 1)
+        assert perf.fdbp_tick_time(STAGES, 64, 2, free) / perf.pipeline_step_time(STAGES, 64, 2, M, free) == \
+            pytest.approx(1 - bubble)
+
+
 def test_shared_cores():
     # 2 cores, N = 2, stage work 6 s per replica: (2 * 12) / 2 = 12 s > slowest stage 6 s
     assert perf.shared_cores_tick_time(STAGES, 4, 2, cores=2) == pytest.approx(12.0)

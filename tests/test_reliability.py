@@ -28,7 +28,11 @@ BAD_INPUT = [
     (["--model", "vgg"], "--model vgg: unknown; valid: resnet20, resnet32, resnet44, resnet56, resnet110, wrn28_10, cnn"),
     (["--dataset", "mnist"], "--dataset mnist: unknown; valid: cifar10"),
     (["--schedule", "linear"], "--schedule linear: unknown; valid: constant, step, cosine"),
-    (["--algorithm", "sgd"], "--algorithm sgd: unknown; valid: fdbp, bp"),
+    (["--algorithm", "sgd"], "--algorithm sgd: unknown; valid: fdbp, bp, gpipe, 1f1b"),
+    (["--microbatches", "2"], "--microbatches 2: only the synchronous pipelines (--algorithm gpipe or 1f1b) split"),
+    (["--algorithm", "gpipe", "--microbatches", "0"], "--microbatches 0: must be >= 1"),
+    (["--algorithm", "1f1b", "--microbatches", "3"], "--batch-size 16: must be a multiple of --data-parallel 2 x "
+                                                      "--microbatches 3 = 6"),
     (["--stages", "0"], "--stages 0: must be between 1 and 6 (the blocks of cnn)"),
     (["--stages", "7"], "--stages 7: must be between 1 and 6 (the blocks of cnn)"),
     (["--data-parallel", "0"], "--data-parallel 0: must be >= 1"),

@@ -64,12 +64,13 @@ def test_cli_end_to_end_on_mock_tfds(tmp_path, capsys, monkeypatch):
     assert optim.learning_rates(config, 2, 4) == pytest.approx([float(schedule(2)) / 3, float(schedule(3))])
 
 
-@pytest.mark.parametrize("algorithm", ["bp"])  # fdbp: test_reliability kills and resumes real runs
+# fdbp: test_reliability kills and resumes real runs
+@pytest.mark.parametrize("algorithm", [dict(algorithm="gpipe", microbatches=2)], ids=str)
 def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path, algorithm):
     datasets = (tiny_cifar(48, 0), tiny_cifar(16, 1))
-    config = Config(**TINY, epochs=2, algorithm=algorithm)
+    config = Config(**TINY, epochs=2, **algorithm)
     whole = train.train_and_evaluate(config, str(tmp_path / "whole"), datasets=datasets, show_progress=False)
-    first = Config(**TINY, epochs=1, algorithm=algorithm, tensorboard=False)
+    first = Config(**TINY, epochs=1, **algorithm, tensorboard=False)
     train.train_and_evaluate(first, str(tmp_path / "split"), datasets=datasets, show_progress=False)
     assert not os.path.exists(tmp_path / "split" / "tensorboard")  # --no-tensorboard
     resumed = train.train_and_evaluate(config, str(tmp_path / "split"), resume=True, datasets=datasets, show_progress=False)

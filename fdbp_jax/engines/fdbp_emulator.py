@@ -1,4 +1,4 @@
-"""Single-device reference of fully decoupled backpropagation: every stage, in order, in one jitted
+"""Single-device reference of fully decoupled backpropagation (algorithm "fdbp", mesh=None): every stage, in order, in one jitted
 tick, with `replicas` data-parallel workers simulated by vmap. The mesh engine must match it.
 
 Tick t, stage k (the contract):
@@ -14,7 +14,7 @@ Tick t, stage k (the contract):
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.struct
 import jax
@@ -32,7 +32,9 @@ from fdbp_jax.stages import (
     join_variables,
     last_stage_grads,
     predict_stages,
-    replica_state_mean,
+    replica_mean,
+    replica_state,
+    split_replicas,
     split_variables,
 )
 
@@ -53,23 +55,10 @@ class EmulatorState:
     grad_msgs: list  # boundary k: input-gradient sent by stage k+1, arriving at stage k next tick
 
 
-def split_replicas(x: jax.Array, replicas: int) -> jax.Array:
-    """(B, ...) -> (replicas, B / replicas, ...): replica r gets the r-th contiguous slice."""
-    return x.reshape(replicas, x.shape[0] // replicas, *x.shape[1:])
-
-
-def replica_mean(tree: Any) -> Any:
-    """Gradients (or losses) averaged over the leading replica axis."""
-    return jax.tree.map(lambda a: jnp.mean(a, axis=0), tree)
-
-
-def replica_state(tree: Any) -> Any:
-    """Model state of the replicas (leading axis) merged by the one rule of `replica_state_mean`."""
-    return replica_state_mean(tree, lambda a: jnp.mean(a, axis=0), lambda a: a[0])
-
-
 class Emulator:
     """The FDBP contract executed on one device; the reference every engine is tested against."""
+
+    batch_sharding = None  # one device: batches are used as given
 
     def __init__(
         self, stages: Sequence[Stage], loss_fn: LossFn, optimizers: Sequence[optax.GradientTransformation],
@@ -153,7 +142,7 @@ class Emulator:
                 used_state = jax.tree.map(lambda r: r[back_slot], stash_state)
                 output_grads = self.shrink * state.grad_msgs[k]
                 fn = lambda p, s, h, g: delayed_grads(stage, p, s, h, g, input_grad=k > 0)
-                grads, input_grads = shared_weights(fn, 2)(
+                grads, input_grads, _ = shared_weights(fn, 2)(
                     used_params, used_state, stash_inputs[back_slot], output_grads
                 )
                 new["stash_inputs"].append(stash_inputs)

@@ -23,13 +23,16 @@ import optax
 
 from fdbp_jax import schedule
 from fdbp_jax.delays import DelayModel
-from fdbp_jax.emulator import Emulator, replica_mean, replica_state, split_replicas
+from fdbp_jax.engines.fdbp_emulator import Emulator
 from fdbp_jax.stages import (
     LossFn,
     Stage,
     apply_update,
     finish_stage,
     forward,
+    replica_mean,
+    replica_state,
+    split_replicas,
     split_variables,
 )
 

@@ -1,4 +1,4 @@
-"""Synchronous data-parallel backpropagation over the same stages: the baseline FDBP is compared with.
+"""Synchronous data-parallel backpropagation (algorithm "bp") over the same stages: the baseline FDBP is compared with.
 
 All stages run back to back on every replica; gradients are averaged over replicas and every stage
 takes one optax update per step. On a mesh, every device is a replica (the model is replicated).
@@ -6,7 +6,6 @@ takes one optax update per step. On a mesh, every device is a replica (the model
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Sequence
 
 import flax.struct
@@ -17,19 +16,20 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fdbp_jax.distributed import place, to_host
-from fdbp_jax.emulator import replica_mean, replica_state, split_replicas
-from fdbp_jax.flat import pad_to_multiple
+from fdbp_jax.engines._flat import pad_to_multiple
 from fdbp_jax.mesh import MESH_AXES, num_devices
 from fdbp_jax.stages import (
     LossFn,
     Stage,
-    apply_update,
     backprop_grads,
-    finish_stage,
     join_variables,
     predict_stages,
     replica_state_mean,
+    replica_mean,
+    replica_state,
+    split_replicas,
     split_variables,
+    synchronous_update,
 )
 
 ALL_DEVICES = P(MESH_AXES)
@@ -133,14 +133,9 @@ class Backprop:
         return self._update(state, *jax.lax.pmean((loss, grads), MESH_AXES), model_state)
 
     def _update(self, state: BackpropState, loss, grads, model_state):
-        """Every stage has a forward and a gradient at every step: the shared end of a stage's tick."""
-        every = jnp.asarray(True)
-        finished = [
-            finish_stage(partial(apply_update, self.optimizers[k]), p, o, s, g, new_s, every, every, self.skip_nonfinite)
-            for k, (p, o, s, g, new_s) in enumerate(zip(state.params, state.opt_state, state.model_state, grads, model_state))
-        ]
-        params, opt_state, new_model_state, nonfinite = (list(part) for part in zip(*finished))
+        """Every stage has a forward and a gradient at every step."""
+        params, opt_state, new_model_state, nonfinite = synchronous_update(
+            self.optimizers, state.params, state.opt_state, state.model_state, grads, model_state, self.skip_nonfinite
+        )
         new_state = BackpropState(tick=state.tick + 1, params=params, model_state=new_model_state, opt_state=opt_state)
-        return new_state, {"loss": loss, "tick": state.tick, "nonfinite": jnp.stack(nonfinite)}
-
-
+        return new_state, {"loss": loss, "tick": state.tick, "nonfinite": nonfinite}

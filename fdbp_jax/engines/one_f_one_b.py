@@ -1,0 +1,16 @@
+"""1F1B (PipeDream-Flush, Narayanan et al., 2021): after K-1-k warm-up forwards, stage k alternates
+one forward and one backward, then drains its backwards; one update per step. The same bubble as
+GPipe, but a stage holds at most K micro-batches instead of M."""
+
+from __future__ import annotations
+
+from fdbp_jax.engines.timetable import BACKWARD, FORWARD, Op
+
+
+def one_f_one_b_order(k: int, num_stages: int, microbatches: int) -> list[Op]:
+    """Stage k's operations in 1F1B order: warm-up forwards, then F/B pairs, then the last backwards."""
+    warmup = min(num_stages - 1 - k, microbatches)
+    order = [(FORWARD, m) for m in range(warmup)]
+    for m in range(microbatches - warmup):
+        order += [(FORWARD, warmup + m), (BACKWARD, m)]
+    return order + [(BACKWARD, m) for m in range(microbatches - warmup, microbatches)]
