@@ -158,9 +158,10 @@ def main(argv=None) -> int:
               f"({100 * (predicted - measured) / measured:+.0f}%)", flush=True)
         results[name] = row
         ratio = row["ratio recompute"] if name == "resnet20" else ratio
+    results["provenance"] = {**costs.provenance(), "steps": args.steps, "batch": args.batch}
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)
-    for name, row in results.items():
+    for name, row in ((n, r) for n, r in results.items() if n != "provenance"):
         print(f"{name}: FDBP/BP time per example = {row['ratio recompute']:.3f} (recompute), "
               f"{row['ratio residuals']:.3f} (residuals)")
     if ratio is not None:
