@@ -27,11 +27,13 @@ COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 class Trainer:
     """Train K stages with fully decoupled backprop ("fdbp"), synchronous data-parallel backprop
     ("bp"), or a synchronous pipeline ("gpipe", "1f1b": each step one global batch in
-    ``microbatches`` micro-batches, exactly backprop; see `engines/pipeline.py`).
+    ``microbatches`` micro-batches, exactly backprop, idle for `engine.bubble_fraction` of a step;
+    with BatchNorm each micro-batch has its own statistics, as "bp" with N*M replicas; see
+    `engines/pipeline.py`).
 
     With a mesh, FDBP and the pipelines run stage k on the devices of mesh column k, replicated
-    over "data"; BP replicates the whole model on every device. With ``mesh=None`` the single-device emulator runs
-    the same algorithm, simulating ``replicas`` data-parallel workers. ``stash`` picks what the mesh
+    over "data"; BP replicates the whole model on every device. With ``mesh=None`` the
+    single-device emulator runs the same algorithm, simulating ``replicas`` data-parallel workers. ``stash`` picks what the mesh
     engine keeps of each in-flight forward: its input and weights ("recompute", the default: the
     forward runs again in the backward) or its VJP residuals ("residuals": no recomputation, more memory).
     ``delays`` (a `DelayModel`, emulator only) draws each stage's gradient delay at random per tick

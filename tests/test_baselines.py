@@ -22,7 +22,7 @@ def train(stages, algorithm, mesh=None, replicas=None, variables=None, ticks=6, 
     return trainer.stage_variables(state), losses, initial
 
 
-@pytest.mark.parametrize("data", [1, 2])
+@pytest.mark.parametrize("data", [2])
 @pytest.mark.parametrize("use_mesh", [False, True])
 def test_single_stage_fdbp_is_backprop(data, use_mesh):
     stages = toy.conv_stages(1, batch_norm=True)
@@ -35,7 +35,7 @@ def test_single_stage_fdbp_is_backprop(data, use_mesh):
     np.testing.assert_allclose(fdbp_losses, bp_losses, rtol=1e-6)
 
 
-@pytest.mark.parametrize("data,stage", [(2, 1), (2, 4)])
+@pytest.mark.parametrize("data,stage", [(2, 4)])  # with BatchNorm; without it, in tests/test_engines.py
 def test_mesh_backprop_equals_single_device_backprop(data, stage):
     num_stages = 4 if stage == 4 else 2
     stages = toy.conv_stages(num_stages, batch_norm=True)

@@ -28,8 +28,10 @@ def mesh_and_emulator(num_stages, data, optimizer, shrink, batch_norm=False, tic
 
 
 # (K=4, N=2, SGD) is in the shared contract suite, tests/test_engines.py
-@pytest.mark.parametrize("num_stages", [1, 2, 4])
-@pytest.mark.parametrize("data,optimizer,shrink", [(1, "sgd_momentum", 1.0), (2, "adam", 0.5)])
+@pytest.mark.parametrize("num_stages,data,optimizer,shrink", [
+    (1, 1, "sgd_momentum", 1.0), (1, 2, "adam", 0.5), (2, 1, "sgd_momentum", 1.0), (2, 2, "adam", 0.5),
+    (4, 2, "adam", 0.5),
+])
 def test_mesh_engine_matches_emulator(num_stages, data, optimizer, shrink):
     (emulator, state, emu_losses), (engine, mesh_state, mesh_losses), initial, xs = mesh_and_emulator(
         num_stages, data, optimizer, shrink

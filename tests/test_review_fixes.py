@@ -6,8 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import fdbp_jax as fj
 from fdbp_jax import models, optim
@@ -62,21 +60,6 @@ def test_staleness_aware_defaults_to_the_cli_power():
     first = lambda opt: float(opt.update(grads, opt.init(grads), grads)[0]["w"])
     per_stage = optim.staleness_aware(optax.sgd(1.0), 3)
     assert [first(o) for o in per_stage] == pytest.approx([-1 / 5, -1 / 3, -1.0])  # 1 / (1 + 2(K-1-k))
-
-
-@pytest.mark.parametrize("algorithm,mesh_shape", [("bp", (2, 2)), ("bp", (1, 1)), ("fdbp", (2, 2)), ("fdbp", None)])
-def test_no_engine_deletes_the_variables_the_caller_passed_in(algorithm, mesh_shape):
-    xs, ys = batches(3)
-    stages = conv_stages(2)
-    reference = fj.Trainer(stages, cross_entropy, optax.sgd(0.1))
-    before = reference.stage_variables(reference.init(jax.random.key(0), xs[0]))
-    mesh = None if mesh_shape is None else fj.make_mesh(*mesh_shape)
-    # weights already on the devices, as a user who placed them (or took them from a state) has them
-    given = jax.device_put(before, jax.devices()[0] if mesh is None else NamedSharding(mesh, P()))
-    trainer = fj.Trainer(stages, cross_entropy, optax.sgd(0.1), mesh=mesh, algorithm=algorithm)
-    run(trainer, trainer.init(jax.random.key(1), xs[0], variables=given), xs, ys)
-    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(given))
-    assert jax.tree.all(jax.tree.map(np.array_equal, before, jax.tree.map(np.asarray, given)))
 
 
 def test_emulated_bp_simulates_the_replicas_of_the_mesh_run(tmp_path):

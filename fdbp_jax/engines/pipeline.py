@@ -11,7 +11,9 @@ the mean over micro-batches and replicas of what each micro-batch's forward retu
 step's starting state: the same as `bp` with N·M replicas.
 
 `PipelineEmulator` (mesh=None) runs the timetable operation by operation on one device, replicas
-simulated by vmap; `MeshPipeline` runs it on the ("data", "stage") mesh, stage k on column k.
+simulated by vmap, unrolled in one jit (compile time grows with M·K; for large M, the mesh engine on
+a (1, K) mesh compiles one tick); `MeshPipeline` runs it on the ("data", "stage") mesh, stage k on
+column k, as a loop over ticks.
 """
 
 from __future__ import annotations
