@@ -1,10 +1,24 @@
 """Eight simulated CPU devices for every test; this must run before JAX is imported."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join(
     [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     + ["--xla_force_host_platform_device_count=8"]
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# one compilation cache for the session and the processes it starts: the same programs (a run, its
+# kill and its resumption; the same toy model in many engines) are compiled once
+_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="fdbp-jax-test-cache-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE or "")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the session's compilation cache (one the caller set up is left alone)."""
+    if _CACHE is not None:
+        shutil.rmtree(_CACHE, ignore_errors=True)

@@ -229,9 +229,10 @@ class MeshPipeline:
             slot = m % depth
             branch = jnp.where(kind == FORWARD_CODE, 1 + stage_index,
                                jnp.where(kind == BACKWARD_CODE, 1 + K + stage_index, 0))
-            act_out, grad_out, d_params, new_state, loss = run(
+            act_out, grad_out, grads, new_state, loss = run(
                 branch, params, model_state, jax.lax.dynamic_slice_in_dim(x, m * b, b),
                 jax.lax.dynamic_slice_in_dim(y, m * b, b), carry["activations"][slot], carry["output_grads"][slot],
+                carry["grads"],
             )
             backward = kind == BACKWARD_CODE
             carry = dict(
@@ -239,7 +240,7 @@ class MeshPipeline:
                                           FORWARD_CODE, [(k, k + 1) for k in range(K - 1)]),
                 output_grads=self._receive(carry["output_grads"], grad_out, t, kinds, micros, stage_index + 1,
                                            BACKWARD_CODE, [(k + 1, k) for k in range(K - 1)]),
-                grads=jax.tree.map(jnp.add, carry["grads"], d_params),
+                grads=grads,
                 states=jax.tree.map(lambda buf, s: buf.at[m].set(jnp.where(backward, s, buf[m])),
                                     carry["states"], new_state),
                 loss=carry["loss"] + loss,
@@ -273,35 +274,36 @@ class MeshPipeline:
         keep = valid & (kinds[t, sender] == kind)
         return buffer.at[slot].set(jnp.where(keep, arriving, buffer[slot]))
 
-    def _outputs(self, params, model_state, batch, act_out=None, grad_out=None, d_params=None, new_state=None,
+    def _outputs(self, grads_sum, model_state, batch, act_out=None, grad_out=None, d_params=None, new_state=None,
                  loss=0.0):
-        """One operation's results in the common shapes of every branch (zeros where it has none)."""
+        """One operation's results in the common shapes of every branch (zeros where it has none);
+        the gradient sum passes through untouched unless the operation adds its gradient."""
         packed = self.packed
         return (
             packed.no_message(batch) if act_out is None else act_out,
             packed.no_message(batch) if grad_out is None else grad_out,
-            jax.tree.map(jnp.zeros_like, params) if d_params is None else d_params,
+            grads_sum if d_params is None else jax.tree.map(jnp.add, grads_sum, d_params),
             model_state if new_state is None else new_state,
             jnp.asarray(loss, jnp.float32),
         )
 
-    def _idle(self, params, model_state, x, y, activation, output_grad):
-        return self._outputs(params, model_state, x.shape[0])
+    def _idle(self, params, model_state, x, y, activation, output_grad, grads_sum):
+        return self._outputs(grads_sum, model_state, x.shape[0])
 
     def _input(self, k, x, activation):
         return x if k == 0 else self.packed.from_message(activation, k)
 
-    def _forward(self, k, params, model_state, x, y, activation, output_grad):
+    def _forward(self, k, params, model_state, x, y, activation, output_grad, grads_sum):
         """Stage k's forward of a micro-batch: its activation goes to stage k+1. The last stage
         has nothing to send; its forward runs inside its backward."""
         if k == len(self.stages) - 1:
-            return self._idle(params, model_state, x, y, activation, output_grad)
+            return self._idle(params, model_state, x, y, activation, output_grad, grads_sum)
         packed = self.packed
         h, _ = forward(self.stages[k], packed.params(k, params), packed.model_state(k, model_state),
                        self._input(k, x, activation))
-        return self._outputs(params, model_state, x.shape[0], act_out=packed.to_message(h))
+        return self._outputs(grads_sum, model_state, x.shape[0], act_out=packed.to_message(h))
 
-    def _backward(self, k, params, model_state, x, y, activation, output_grad):
+    def _backward(self, k, params, model_state, x, y, activation, output_grad, grads_sum):
         """Stage k's backward of a micro-batch: forward again from its input, then the VJP of the
         input-gradient stage k+1 sent (the last stage: of its loss)."""
         packed, stage, K = self.packed, self.stages[k], len(self.stages)
@@ -312,7 +314,7 @@ class MeshPipeline:
         else:
             d_params, d_input, new_state = delayed_grads(stage, p, s, h, packed.from_message(output_grad, k + 1),
                                                          input_grad=k > 0)
-        return self._outputs(params, model_state, x.shape[0],
+        return self._outputs(grads_sum, model_state, x.shape[0],
                              grad_out=None if d_input is None else packed.to_message(d_input),
                              d_params=packed.pack_params(k, d_params), new_state=packed.pack_model_state(k, new_state),
                              loss=loss)
