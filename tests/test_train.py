@@ -65,7 +65,7 @@ def test_cli_end_to_end_on_mock_tfds(tmp_path, capsys, monkeypatch):
 
 
 # fdbp: test_reliability kills and resumes real runs
-@pytest.mark.parametrize("algorithm", [dict(algorithm="gpipe", microbatches=2)], ids=str)
+@pytest.mark.parametrize("algorithm", [dict(algorithm="bp"), dict(algorithm="gpipe", microbatches=2)], ids=str)
 def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path, algorithm):
     datasets = (tiny_cifar(48, 0), tiny_cifar(16, 1))
     config = Config(**TINY, epochs=2, **algorithm)
