@@ -12,6 +12,7 @@ back (`PackedStages.stage_variables`) are the same for every schedule.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Callable, Sequence
 
 import jax
@@ -117,6 +118,41 @@ class PackedStages:
         ]
 
 
+class StagedMeshEngine:
+    """The public side every pipelined mesh engine shares: a global batch split over "data" and
+    whole on every stage, a jitted `_step(state, x, y) -> (state, loss, nonfinite, tick)`, and the
+    variables and inference of the packed stages. A subclass sets `mesh`, `packed`, `_step` and
+    `_predict` (`make_predict`) in its `init`."""
+
+    mesh: Mesh
+    packed: PackedStages | None
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P("data"))
+
+    def lower(self, state, x, y) -> jax.stages.Lowered:
+        """The step `step` would run, lowered (for its compiled cost and memory)."""
+        return self._step.lower(state, place(x, self.batch_sharding), place(y, self.batch_sharding))
+
+    def step(self, state, x, y):
+        batch = self.batch_sharding
+        state, loss, nonfinite, tick = self._step(state, place(x, batch), place(y, batch))
+        return state, {"loss": loss, "tick": tick, "nonfinite": nonfinite}
+
+    def stage_variables(self, state) -> list[dict]:
+        return self.packed.stage_variables(state.params, state.model_state)
+
+    def predict(self, state, x) -> jax.Array:
+        return self._predict(state.params, state.model_state, x)
+
+
+def stage_update(packed: PackedStages, optimizers: Sequence[optax.GradientTransformation], stage_index: jax.Array):
+    """(params, opt_state, grads) -> (params, opt_state): this device's stage's optax step on packed vectors."""
+    updates = [partial(packed.update, k, optimizer) for k, optimizer in enumerate(optimizers)]
+    return lambda params, opt_state, grads: jax.lax.switch(stage_index, updates, params, opt_state, grads)
+
+
 def stage_switch(mesh: Mesh, branches: Sequence[Callable]) -> Callable:
     """`lambda index, *args: lax.switch(index, branches, *args)`, with canonical convolutions on CPU."""
     if mesh.devices.flat[0].platform == "cpu":
@@ -132,6 +168,11 @@ def stage_table(values: Sequence, stage_index: jax.Array) -> jax.Array:
 def local_block(tree):
     """Drop the leading local "stage" axis (size 1) of every leaf."""
     return jax.tree.map(lambda a: a[0], tree)
+
+
+def with_stage_axis(tree):
+    """Give every leaf back its leading local "stage" axis (the inverse of `local_block`)."""
+    return jax.tree.map(lambda a: a[None], tree)
 
 
 def shardings(mesh: Mesh, specs):

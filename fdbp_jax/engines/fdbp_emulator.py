@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from fdbp_jax import schedule
+from fdbp_jax.engines._single_device import SingleDeviceEngine
 from fdbp_jax.stages import (
     LossFn,
     Stage,
@@ -29,9 +30,7 @@ from fdbp_jax.stages import (
     delayed_grads,
     finish_stage,
     forward,
-    join_variables,
     last_stage_grads,
-    predict_stages,
     replica_mean,
     replica_state,
     split_replicas,
@@ -55,10 +54,8 @@ class EmulatorState:
     grad_msgs: list  # boundary k: input-gradient sent by stage k+1, arriving at stage k next tick
 
 
-class Emulator:
+class Emulator(SingleDeviceEngine):
     """The FDBP contract executed on one device; the reference every engine is tested against."""
-
-    batch_sharding = None  # one device: batches are used as given
 
     def __init__(
         self, stages: Sequence[Stage], loss_fn: LossFn, optimizers: Sequence[optax.GradientTransformation],
@@ -70,8 +67,7 @@ class Emulator:
         self.shrink = shrink
         self.replicas = replicas
         self.skip_nonfinite = skip_nonfinite
-        self._step = jax.jit(self._tick)
-        self._predict = jax.jit(self._predict_fn)
+        self._compile(self._tick)
 
     def init(self, variables: Sequence[dict], shapes: Sequence[jax.ShapeDtypeStruct], label: jax.ShapeDtypeStruct):
         """State at tick 0 from per-stage variables and per-replica input shapes (from trace_shapes)."""
@@ -95,22 +91,6 @@ class Emulator:
             label_msgs=[per_replica(label) for _ in inner],
             grad_msgs=[per_replica(shapes[k + 1]) for k in inner],
         )
-
-    def step(self, state: EmulatorState, x: jax.Array, y: jax.Array):
-        return self._step(state, x, y)
-
-    def lower(self, state: EmulatorState, x: jax.Array, y: jax.Array) -> jax.stages.Lowered:
-        """The tick `step` would run, lowered (for its compiled cost and memory)."""
-        return self._step.lower(state, x, y)
-
-    def stage_variables(self, state: EmulatorState) -> list[dict]:
-        return jax.device_get([join_variables(p, s) for p, s in zip(state.params, state.model_state)])
-
-    def predict(self, state: EmulatorState, x: jax.Array) -> jax.Array:
-        return self._predict(state.params, state.model_state, x)
-
-    def _predict_fn(self, params, model_state, x):
-        return predict_stages(self.stages, [join_variables(p, s) for p, s in zip(params, model_state)], x)
 
     def _tick(self, state: EmulatorState, x: jax.Array, y: jax.Array):
         K, t = len(self.stages), state.tick

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from fdbp_jax import schedule
@@ -32,11 +32,14 @@ from fdbp_jax.engines._mesh_layer import (
     STAGE,
     STAGE_DATA,
     PackedStages,
+    StagedMeshEngine,
     local_block,
     make_predict,
     shardings,
     stage_switch,
     stage_table,
+    stage_update,
+    with_stage_axis,
 )
 from fdbp_jax.stages import (
     LossFn,
@@ -68,7 +71,7 @@ class EngineState:
     grad_msg: jax.Array  # (K, N, b, A): input-gradient arriving at stage k this tick
 
 
-class MeshEngine:
+class MeshEngine(StagedMeshEngine):
     """FDBP on a mesh; same contract and state transitions as `Emulator`."""
 
     def __init__(
@@ -164,26 +167,6 @@ class MeshEngine:
             grad_msg=STAGE_DATA,
         )
 
-    @property
-    def batch_sharding(self) -> NamedSharding:
-        """How a global batch lies on the mesh: split over "data", whole on every stage."""
-        return NamedSharding(self.mesh, P("data"))
-
-    def lower(self, state: EngineState, x, y) -> jax.stages.Lowered:
-        """The tick `step` would run, lowered (for its compiled cost and memory)."""
-        return self._step.lower(state, place(x, self.batch_sharding), place(y, self.batch_sharding))
-
-    def step(self, state: EngineState, x, y):
-        batch = self.batch_sharding
-        state, loss, nonfinite, tick = self._step(state, place(x, batch), place(y, batch))
-        return state, {"loss": loss, "tick": tick, "nonfinite": nonfinite}
-
-    def stage_variables(self, state: EngineState) -> list[dict]:
-        return self.packed.stage_variables(state.params, state.model_state)
-
-    def predict(self, state: EngineState, x) -> jax.Array:
-        return self._predict(state.params, state.model_state, x)
-
     # ---- inside shard_map: local blocks of one device --------------------------------------
 
     def _local_tick(self, state: EngineState, x: jax.Array, y: jax.Array):
@@ -208,10 +191,8 @@ class MeshEngine:
         fwd_state = replica_state_mean(fwd_state, lambda a: jax.lax.pmean(a, "data"), lambda a: a)
         loss = jax.lax.pmean(loss, "data")
 
-        updates = [partial(self.packed.update, k, self.optimizers[k]) for k in range(K)]
-        update = lambda p, o, g: jax.lax.switch(stage_index, updates, p, o, g)
         new_params, new_opt_state, new_model_state, nonfinite = finish_stage(
-            update, params, opt_state, model_state, grads, fwd_state, schedule.has_forward(t, stage_index),
+            stage_update(self.packed, self.optimizers, stage_index), params, opt_state, model_state, grads, fwd_state, schedule.has_forward(t, stage_index),
             schedule.has_gradient(t, stage_index, K), self.skip_nonfinite,
         )
         write = lambda ring, entry: jax.tree.map(lambda r, e: r.at[slot].set(e), ring, entry)
@@ -230,7 +211,7 @@ class MeshEngine:
             grad_msg=jax.lax.ppermute(grad_out, "stage", backward_pairs)[None],
         )
         # every per-stage leaf gets back its leading (local size 1) "stage" axis
-        new_state = jax.tree.map(lambda a: a[None], new_state.replace(tick=None)).replace(tick=t + 1)
+        new_state = with_stage_axis(new_state.replace(tick=None)).replace(tick=t + 1)
         # metrics replicated on every device, so every process can read them
         loss = jax.lax.psum(jnp.where(stage_index == K - 1, loss, 0.0), "stage")
         loss = jnp.where(schedule.loss_is_valid(t, K), loss, jnp.nan)

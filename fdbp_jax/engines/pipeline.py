@@ -26,18 +26,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from fdbp_jax.distributed import place
 from fdbp_jax.engines._mesh_layer import (
     STAGE,
     PackedStages,
+    StagedMeshEngine,
     local_block,
     make_predict,
     shardings,
     stage_switch,
+    stage_update,
+    with_stage_axis,
 )
+from fdbp_jax.engines._single_device import SingleDeviceEngine
 from fdbp_jax.engines.timetable import BACKWARD, BACKWARD_CODE, FORWARD, FORWARD_CODE, Timetable
 from fdbp_jax.stages import (
     LossFn,
@@ -45,9 +49,7 @@ from fdbp_jax.stages import (
     delayed_grads,
     finish_stage,
     forward,
-    join_variables,
     last_stage_grads,
-    predict_stages,
     replica_state,
     replica_state_mean,
     split_variables,
@@ -72,7 +74,7 @@ def split_microbatches(x: jax.Array, replicas: int, microbatches: int) -> jax.Ar
     return x.reshape(replicas, microbatches, x.shape[0] // (replicas * microbatches), *x.shape[1:])
 
 
-class PipelineEmulator:
+class PipelineEmulator(SingleDeviceEngine):
     """A synchronous pipeline on one device: the timetable's operations in tick order."""
 
     def __init__(self, stages: Sequence[Stage], loss_fn: LossFn, optimizers: Sequence[optax.GradientTransformation],
@@ -84,32 +86,13 @@ class PipelineEmulator:
         self.replicas = replicas
         self.skip_nonfinite = skip_nonfinite
         self.bubble_fraction = timetable.bubble_fraction
-        self._step = jax.jit(self._train_step)
-        self._predict = jax.jit(self._predict_fn)
-
-    batch_sharding = None
+        self._compile(self._train_step)
 
     def init(self, variables: Sequence[dict], shapes, label) -> PipelineState:
         params, model_state = zip(*(split_variables(v) for v in variables))
         params, model_state = jax.tree.map(jnp.array, (list(params), list(model_state)))
         return PipelineState(tick=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                              opt_state=[o.init(p) for o, p in zip(self.optimizers, params)])
-
-    def step(self, state: PipelineState, x, y):
-        return self._step(state, x, y)
-
-    def lower(self, state: PipelineState, x, y) -> jax.stages.Lowered:
-        """The step `step` would run, lowered (for its compiled cost and memory)."""
-        return self._step.lower(state, x, y)
-
-    def stage_variables(self, state: PipelineState) -> list[dict]:
-        return jax.device_get([join_variables(p, s) for p, s in zip(state.params, state.model_state)])
-
-    def predict(self, state: PipelineState, x) -> jax.Array:
-        return self._predict(state.params, state.model_state, x)
-
-    def _predict_fn(self, params, model_state, x):
-        return predict_stages(self.stages, [join_variables(p, s) for p, s in zip(params, model_state)], x)
 
     def _train_step(self, state: PipelineState, x, y):
         K, M = len(self.stages), self.timetable.microbatches
@@ -151,7 +134,7 @@ class PipelineEmulator:
         return new_state, {"loss": jnp.mean(jnp.stack(losses)), "tick": state.tick, "nonfinite": nonfinite}
 
 
-class MeshPipeline:
+class MeshPipeline(StagedMeshEngine):
     """A synchronous pipeline on a ("data", "stage") mesh: one jitted step, a loop over the
     timetable's ticks inside a `shard_map`; each tick every device runs its stage's operation,
     then activations move to stage k+1 and input-gradients to stage k-1 by `ppermute`."""
@@ -169,11 +152,6 @@ class MeshPipeline:
         self._step = None
         self._predict = None
 
-    @property
-    def batch_sharding(self) -> NamedSharding:
-        """How a global batch lies on the mesh: split over "data", whole on every stage."""
-        return NamedSharding(self.mesh, P("data"))
-
     def init(self, variables: Sequence[dict], shapes, label) -> PipelineState:
         params, model_state = zip(*(split_variables(v) for v in variables))
         opt_state = [o.init(p) for o, p in zip(self.optimizers, params)]
@@ -187,21 +165,6 @@ class MeshPipeline:
                                            out_specs=(specs, P(), P(), P()), check_vma=False), donate_argnums=0)
         self._predict = make_predict(self.mesh, self.stages, self.packed)
         return place(state, shardings(self.mesh, specs))
-
-    def step(self, state: PipelineState, x, y):
-        batch = self.batch_sharding
-        state, loss, nonfinite, tick = self._step(state, place(x, batch), place(y, batch))
-        return state, {"loss": loss, "tick": tick, "nonfinite": nonfinite}
-
-    def lower(self, state: PipelineState, x, y) -> jax.stages.Lowered:
-        """The step `step` would run, lowered (for its compiled cost and memory)."""
-        return self._step.lower(state, place(x, self.batch_sharding), place(y, self.batch_sharding))
-
-    def stage_variables(self, state: PipelineState) -> list[dict]:
-        return self.packed.stage_variables(state.params, state.model_state)
-
-    def predict(self, state: PipelineState, x) -> jax.Array:
-        return self._predict(state.params, state.model_state, x)
 
     # ---- inside shard_map: local blocks of one device --------------------------------------
 
@@ -251,17 +214,15 @@ class MeshPipeline:
         grads = jax.lax.pmean(jax.tree.map(lambda g: g / M, carry["grads"]), "data")
         new_state = replica_state_mean(carry["states"], lambda a: jax.lax.pmean(jnp.mean(a, axis=0), "data"),
                                        lambda a: a[0])
-        updates = [partial(packed.update, k, self.optimizers[k]) for k in range(K)]
         every = jnp.asarray(True)
         new_params, new_opt_state, new_model_state, nonfinite = finish_stage(
-            lambda p, o, g: jax.lax.switch(stage_index, updates, p, o, g), params, opt_state, model_state, grads,
+            stage_update(packed, self.optimizers, stage_index), params, opt_state, model_state, grads,
             new_state, every, every, self.skip_nonfinite,
         )
         loss = jax.lax.pmean(carry["loss"] / M, "data")
         loss = jax.lax.psum(jnp.where(stage_index == K - 1, loss, 0.0), "stage")  # replicated, for every process
-        per_stage = lambda tree: jax.tree.map(lambda a: a[None], tree)
-        new = PipelineState(tick=state.tick + 1, params=per_stage(new_params), model_state=per_stage(new_model_state),
-                            opt_state=per_stage(new_opt_state))
+        new = PipelineState(tick=state.tick + 1, **with_stage_axis(
+            dict(params=new_params, model_state=new_model_state, opt_state=new_opt_state)))
         return new, loss, jax.lax.all_gather(nonfinite, "stage"), state.tick
 
     def _receive(self, buffer, sent, t, kinds, micros, sender, kind, pairs):
