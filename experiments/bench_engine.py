@@ -71,8 +71,8 @@ def compiled_memory(trainer, state, x, y) -> dict:
     return {**sizes, "peak": sizes["argument"] + sizes["output"] + sizes["temp"] - sizes["alias"]}
 
 
-def engine_memory(trainer, state, x, y) -> dict:
-    analysis = trainer.compiled_step(state, x, y).memory_analysis()
+def engine_memory(trainer, state, compiled: dict) -> dict:
+    """FDBP's state per device by part, with the temporaries of its compiled tick (`compiled_memory`)."""
     plan = trainer.engine.packed
     real = [int(np.prod(s.shape[1:])) for s in plan.in_shapes[1:-1]]
     local_batch = plan.in_shapes[0].shape[0]
@@ -82,7 +82,7 @@ def engine_memory(trainer, state, x, y) -> dict:
         "model_state": per_device_bytes(state.model_state),
         "stash": per_device_bytes((state.stash, state.stash_params, state.stash_model_state)),
         "messages": per_device_bytes((state.act_msg, state.grad_msg, state.label_msg)),
-        "temporaries": int(getattr(analysis, "temp_size_in_bytes", 0)),
+        "temporaries": compiled["temp"],
         "bytes_sent_per_tick_per_device": 2 * local_batch * plan.message_width * plan.message_dtype.itemsize,
         "message_padding_share": 1 - (sum(real) / len(real)) / plan.message_width if real else 0.0,
     }
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
                           "compiled_memory": compiled_memory(trainer, state, x, y),
                           "bubble": getattr(trainer.engine, "bubble_fraction", None)}
             if label.startswith("fdbp"):
-                row[label]["memory"] = engine_memory(trainer, state, x, y)
+                row[label]["memory"] = engine_memory(trainer, state, row[label]["compiled_memory"])
             peak = row[label]["compiled_memory"]["peak"] / 2**20
             print(f"{name:9s} {label:22s} compile {compile_s:6.1f} s  {1e6 * step_s / args.batch:8.1f} us/example  "
                   f"peak {peak:7.1f} MiB/device", flush=True)

@@ -11,8 +11,9 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # one compilation cache for the session and the processes it starts: the same programs (a run, its
 # kill and its resumption; the same toy model in many engines) are compiled once
-_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="fdbp-jax-test-cache-")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE or "")
+_CACHE = None  # the session's own cache, removed at the end (one the caller set up is left alone)
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="fdbp-jax-test-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
