@@ -1,5 +1,5 @@
 """Run folders and checkpoints: the workdir checks (never mix two runs; writable before training;
-resume only with the same settings), and orbax checkpoints the whole engine state (every stage's params, optimizer and model
+resume only with the same settings; each done once, by process 0, in a multi-process run), and orbax checkpoints the whole engine state (every stage's params, optimizer and model
 state, and the in-flight pipeline: stashes and messages) plus JSON metadata (position, config)."""
 
 from __future__ import annotations
@@ -7,14 +7,19 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from fdbp_jax import distributed
 from fdbp_jax.config import RESUMABLE_CHANGES, Config
+from fdbp_jax.optim import lr_schedule
 
-RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard")
+UNREADABLE = "unreadable-checkpoints"  # where restore moves checkpoints it cannot read (kept, never deleted)
+RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", UNREADABLE)
 
 
 class Checkpoints:
@@ -26,6 +31,11 @@ class Checkpoints:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
             item_names=("state", "meta"),
         )
+
+    @staticmethod
+    def exist(directory: str) -> bool:
+        """Whether `directory` holds at least one finished checkpoint (without creating anything)."""
+        return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -45,30 +55,63 @@ class Checkpoints:
         )
         return restored["state"], restored["meta"]
 
-    def restore_latest(self, like: Any) -> tuple[Any, dict, int]:
-        """Restore the newest checkpoint that reads back whole; a corrupted or truncated one is reported
-        on stderr, the one before it is used, and the unreadable one is removed so training can
-        write that step again."""
-        unreadable = []
+    def read_meta(self, step: int) -> dict:
+        """The JSON metadata of checkpoint `step` alone (position, settings), without its arrays."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore_latest(self, like: Any, config: Config, ticks_per_epoch: int) -> tuple[Any, dict, int]:
+        """Restore the newest checkpoint that reads back whole, after checking that it was made with the
+        settings of `config` (a ValueError naming each setting that differs). A checkpoint that cannot be
+        read is reported on stderr and moved aside to UNREADABLE (never deleted: an I/O error may be
+        passing), and the one before it is used. With several processes, every step is agreed by all."""
         for step in reversed(self.all_steps()):
+            meta, error = None, None
             try:
-                state, meta = self.restore(step, like)
+                meta = self.read_meta(step)
             except Exception as err:  # orbax/tensorstore raise many types for damaged files
-                print(f"fdbp-train: checkpoint {step} in {self.manager.directory} is unreadable "
-                      f"({type(err).__name__}); trying the one before it", file=sys.stderr)
-                unreadable.append(step)
-                continue
-            for bad in unreadable:
-                self.manager.delete(bad)
-            return state, meta, step
+                error = err
+            if not distributed.any_process(error is not None):
+                differences = config_differences(meta["config"], config, ticks_per_epoch)
+                if differences:
+                    raise ValueError(f"--resume: the checkpoint {step} in {self.manager.directory} was made with other "
+                                     "settings: " + "; ".join(differences))
+                try:
+                    state = self.manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, like))))["state"]
+                except Exception as err:
+                    error = err
+                if not distributed.any_process(error is not None):
+                    return state, meta, step
+            self._move_aside(step, error)
         raise ValueError(f"--resume: no readable checkpoint in {self.manager.directory}")
+
+    def _move_aside(self, step: int, error: Exception | None) -> None:
+        """Move unreadable checkpoint `step` out of the manager's sight (process 0), and say where."""
+        directory = str(self.manager.directory)
+        target = os.path.join(os.path.dirname(directory), UNREADABLE, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+        def move() -> None:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(os.path.join(directory, str(step)), target)
+
+        distributed.on_process_zero(move)
+        self.manager.reload()
+        reason = type(error).__name__ if error is not None else "unreadable on another process"
+        print(f"fdbp-train: checkpoint {step} in {directory} is unreadable ({reason}); moved to {target}, "
+              "trying the one before it", file=sys.stderr)
 
     def close(self) -> None:
         self.manager.close()
 
 
 def prepare_workdir(workdir: str, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder; check it is writable before any training."""
+    """Refuse to mix two runs in one folder; check it is writable before any training. With several
+    processes sharing the folder, process 0 alone checks (and, with --overwrite, clears) it while the
+    others wait; a refusal is the same ValueError on every process."""
+    distributed.on_process_zero(lambda: _prepare_workdir(workdir, resume, overwrite))
+
+
+def _prepare_workdir(workdir: str, resume: bool, overwrite: bool) -> None:
     existing = [name for name in RUN_FILES if os.path.exists(os.path.join(workdir, name))]
     if existing and not resume and not overwrite:
         raise ValueError(
@@ -89,10 +132,25 @@ def prepare_workdir(workdir: str, resume: bool, overwrite: bool) -> None:
         raise ValueError(f"--workdir {workdir} is not writable ({err.strerror}): choose another folder") from None
 
 
-def config_differences(saved: dict, config: Config) -> list[str]:
+def config_differences(saved: dict, config: Config, ticks_per_epoch: int) -> list[str]:
+    """Each setting of `config` that differs from the checkpoint's `saved` one and would change the run.
+    --epochs may change only where the learning rate of every update so far stays the same (constant,
+    or step with explicit --step-epochs): the cosine and the default step schedules are laid out over
+    --epochs, so a longer or shorter run is another run."""
     now = config.to_json()
-    return [
+    differences = [
         f"{key} {saved.get(key)!r} (checkpoint) vs {now[key]!r} (now)"
         for key in now
         if key not in RESUMABLE_CHANGES and saved.get(key) != now[key]
     ]
+    if not differences and saved.get("epochs") != config.epochs:
+        previous = Config.from_json(saved)
+        updates = np.arange(min(previous.epochs, config.epochs) * ticks_per_epoch)
+        same = np.array_equal(np.asarray(lr_schedule(previous, ticks_per_epoch)(updates)),
+                              np.asarray(lr_schedule(config, ticks_per_epoch)(updates)))
+        if not same:
+            differences.append(
+                f"epochs {previous.epochs} (checkpoint) vs {config.epochs} (now): the {config.schedule} learning-rate "
+                f"schedule is laid out over --epochs, so this would be another run; keep --epochs {previous.epochs} "
+                "(runs with --schedule constant, or step with explicit --step-epochs, can be extended on resume)")
+    return differences

@@ -1,5 +1,6 @@
 """`fdbp-train`: the command line of `train_and_evaluate`. Flags come from the `Config` fields; bad
-input is one line naming its flag (exit code 2), divergence exit code 3, a signal exit code 130."""
+input is one line naming its flag (exit code 2), divergence exit code 3, a lost process exit code 4, a
+signal exit code 130 (README: "Exit codes")."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Sequence
+import traceback
+from typing import NoReturn, Sequence
 
 import jax
 
@@ -17,9 +19,9 @@ from fdbp_jax import distributed
 from fdbp_jax.config import PRESETS, Config, validate
 from fdbp_jax.models import model_blocks
 from fdbp_jax.partition import describe_split
-from fdbp_jax.train import Diverged, choose_boundaries, train_and_evaluate
+from fdbp_jax.train import Diverged, LostProcess, choose_boundaries, train_and_evaluate
 
-EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_LOST_PROCESS, EXIT_INTERRUPTED = 2, 3, 4, 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,6 +99,18 @@ def check_processes(args: argparse.Namespace, config: Config) -> int:
     return processes
 
 
+def abandon_run(err: LostProcess, debug: bool) -> NoReturn:
+    """Leave a run whose peer is gone: one line (the traceback with --debug), then exit at once with
+    EXIT_LOST_PROCESS. A normal exit would wait in JAX's shutdown barrier for the dead peer until the
+    runtime aborts the process (minutes, then a C++ stack trace)."""
+    if debug:
+        traceback.print_exc()
+    print(f"fdbp-train: error: [process {jax.process_index()}] {err}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_LOST_PROCESS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
@@ -108,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         simulate_devices(max(1, devices // processes))
         if args.coordinator_address or processes > 1:
             distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+            distributed.check_same_settings({"config": config.to_json(), "workdir": os.path.abspath(args.workdir),
+                                             "resume": args.resume, "overwrite": args.overwrite})
         if jax.default_backend() == "cpu" and devices > 1 and not args.show_split:
             print(f"fdbp-train: no accelerator, simulating {devices} CPU devices (data={config.data_parallel} x "
                   f"stage={config.stages}) on {os.cpu_count()} cores", flush=True)
@@ -129,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"fdbp-train: {err}", file=sys.stderr)
         return EXIT_DIVERGED
+    except LostProcess as err:
+        abandon_run(err, debug)
     if summary["interrupted_at"] is not None:
         again = " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--resume", "--overwrite"))
         print(f"fdbp-train: stopped by signal at epoch {summary['interrupted_at']['epoch'] + 1}, tick "

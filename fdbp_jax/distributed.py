@@ -3,8 +3,10 @@ arrays, and bring global arrays back to every process. Single-process runs take 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -87,11 +89,55 @@ def from_local_rows(local: np.ndarray, sharding: jax.sharding.Sharding, batch: i
     return jax.make_array_from_callback(shape, sharding, shard)
 
 
-def sum_over_processes(value: float) -> float:
-    """`value` summed over all processes (itself with one process)."""
+MESSAGE_BYTES = 4096  # longest message `first_error` carries between processes (longer ones are cut)
+
+
+def _gather_bytes(text: str) -> list[str]:
+    """Every process's `text` (utf-8, at most MESSAGE_BYTES), in process order, on every process."""
+    encoded = text.encode()[:MESSAGE_BYTES]
+    buffer = np.zeros(MESSAGE_BYTES + 1, np.uint8)
+    buffer[0], buffer[1 : 1 + len(encoded)] = 1, np.frombuffer(encoded, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(buffer)).reshape(jax.process_count(), -1)
+    return [bytes(row[1:]).rstrip(b"\0").decode(errors="replace") for row in rows]
+
+
+def first_error(message: str | None) -> str | None:
+    """Agree on failure: every process passes its own error message (None: no error) and gets the
+    first process's message, or None if no process failed. The same answer on every process, so all
+    of them stop together (one process left alone would wait on its peers' collectives forever)."""
     if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
+        return message
+    return next((m[1:] for m in _gather_bytes("" if message is None else "!" + message) if m), None)
 
-    return float(np.sum(multihost_utils.process_allgather(np.asarray(value, np.float64))))
 
+def on_process_zero(action: Callable[[], None]) -> None:
+    """Run `action` (a check or a file operation on a folder every process shares) on process 0 only,
+    then let every process go on together; a ValueError it raises is raised on every process."""
+    message = None
+    if jax.process_index() == 0:
+        try:
+            action()
+        except ValueError as err:
+            message = str(err)
+    agreed = first_error(message)
+    if agreed is not None:
+        raise ValueError(agreed)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is True on any process (a stop request, a failed read)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.bool_))))
+
+
+def check_same_settings(settings: dict) -> None:
+    """Refuse to start when the processes were given different settings (a ValueError on every process
+    naming the first process that differs from process 0)."""
+    if jax.process_count() == 1:
+        return
+    digests = _gather_bytes(hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest())
+    different = [i for i, digest in enumerate(digests) if digest != digests[0]]
+    if different:
+        raise ValueError(f"process {different[0]} was started with other settings than process 0: start every "
+                         "process with the same flags (only --process-id differs)")

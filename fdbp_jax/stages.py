@@ -79,13 +79,21 @@ def last_stage_grads(
 
     def loss_of(p, inputs):
         logits, new_state = stage.apply(p, model_state, inputs, train=True)
-        return loss_fn(logits, labels), new_state
+        return float32_loss(loss_fn, logits, labels), new_state
 
     if input_grad:
         (loss, new_state), (d_params, d_input) = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)(params, x)
         return loss, new_state, d_params, d_input
     (loss, new_state), d_params = jax.value_and_grad(loss_of, has_aux=True)(params, x)
     return loss, new_state, d_params, None
+
+
+def float32_loss(loss_fn: LossFn, logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """`loss_fn` on float32 logits, whatever the compute dtype: a bfloat16 softmax or log-sum-exp
+    loses the small differences the loss is made of; the gradient flows back through the cast."""
+    if jnp.issubdtype(logits.dtype, jnp.floating):
+        logits = logits.astype(jnp.float32)
+    return loss_fn(logits, labels)
 
 
 def delayed_grads(
@@ -116,7 +124,7 @@ def backprop_grads(
         for stage, p, s in zip(stages, all_params, model_states):
             h, new_state = stage.apply(p, s, h, train=True)
             new_states.append(new_state)
-        return loss_fn(h, labels), new_states
+        return float32_loss(loss_fn, h, labels), new_states
 
     (loss, new_states), d_params = jax.value_and_grad(loss_of, has_aux=True)(list(params))
     return loss, new_states, d_params
@@ -176,10 +184,13 @@ def finish_stage(
     """The end of one stage's tick, the same in every engine, after the gradients and the forward's
     model state were averaged over the replicas: flag a non-finite gradient, skip it if asked,
     apply `update` (params, opt_state, grads) -> (params, opt_state) where the stage has a gradient,
-    keep the new model state where it ran a forward. Returns (params, opt_state, model_state, nonfinite)."""
+    keep the new model state where it ran a forward. A skipped tick (non-finite gradient, or a forward
+    whose model state is non-finite) also keeps the previous model state, so a bad forward's BatchNorm
+    statistics never reach later ticks. Returns (params, opt_state, model_state, nonfinite)."""
     nonfinite = has_gradient & ~all_finite(grads)
     if skip_nonfinite:
         has_gradient = has_gradient & ~nonfinite
+        has_forward = has_forward & ~nonfinite & all_finite(new_model_state)
     new_params, new_opt_state = update(params, opt_state, grads)
     return (select_tree(has_gradient, new_params, params), select_tree(has_gradient, new_opt_state, opt_state),
             select_tree(has_forward, new_model_state, model_state), nonfinite)

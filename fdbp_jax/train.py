@@ -13,13 +13,14 @@ import time
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from fdbp_jax import data as data_lib
 from fdbp_jax import distributed
 from fdbp_jax import input_pipeline as pipeline
-from fdbp_jax.checkpoint import Checkpoints, config_differences, prepare_workdir
+from fdbp_jax.checkpoint import Checkpoints, prepare_workdir
 from fdbp_jax.config import Config, validate
 from fdbp_jax.losses import cross_entropy
 from fdbp_jax.mesh import make_mesh
@@ -85,20 +86,30 @@ def build_trainer(config: Config, ticks_per_epoch: int, mesh) -> tuple[Trainer, 
     return trainer, boundaries
 
 
+@jax.jit
+def correct_predictions(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """How many valid rows the logits classify right, summed on device over the global batch (each row
+    once, however many processes or stages hold a copy of it)."""
+    return jnp.sum((jnp.argmax(logits, axis=-1) == labels) & valid)
+
+
 def evaluate(trainer: Trainer, state, dataset: data_lib.ArrayDataset, config: Config) -> float:
-    """Top-1 accuracy with the current weights, in inference mode; each process reads its rows."""
+    """Top-1 accuracy with the current weights, in inference mode; each process reads its rows of each
+    global batch, and the count is reduced on device."""
     spec = data_lib.DATASETS[config.dataset]
     batch = -(-config.eval_batch_size // trainer.replicas) * trainer.replicas  # every replica gets rows
     rows = trainer.local_rows(batch)
     correct = 0
     for x, y, valid in pipeline.iterate(pipeline.eval_dataset(dataset, spec, batch, rows)):
         logits = np.asarray(trainer.predict(state, x, batch))[rows.start : rows.stop]
-        correct += int(np.sum((np.argmax(logits, axis=-1) == y) & valid))
-    return distributed.sum_over_processes(correct) / len(dataset)
+        correct = correct + correct_predictions(*trainer.global_batch(batch, logits, y, valid))
+    return int(distributed.to_host(correct)) / len(dataset)
 
 
 class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop reads after each tick, so a run can stop cleanly."""
+    """Turns SIGINT/SIGTERM into a flag the loop reads, so a run can stop cleanly. `agreed()` is what the
+    loop acts on: with several processes, True on all of them when any one was signalled (asked at the
+    same ticks on every process), so all stop at the same tick and write one checkpoint together."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -113,9 +124,31 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.signal = signum
 
+    def agreed(self) -> bool:
+        """Whether any process has been asked to stop (a collective: call it at the same point on all)."""
+        stop = distributed.any_process(self.signal is not None)
+        if stop and self.signal is None:
+            self.signal = signal.SIGTERM  # a peer's request, now this process's too
+        return stop
+
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class LostProcess(RuntimeError):
+    """A collective with the other processes of a multi-process run failed: one of them has died
+    (killed, preempted, out of memory) or cannot be reached."""
+
+
+def lost_process_message(err: Exception, epoch: int, checkpoints: Checkpoints, workdir: str) -> str:
+    """What a survivor of a lost peer says: what failed, where, what was kept and how to continue."""
+    latest = checkpoints.latest_step()
+    kept = (f"the checkpoints in {workdir}/checkpoints are intact (latest: tick {latest}): start every process "
+            "again with --resume" if latest is not None else "no checkpoint was written yet: start every process again")
+    return (f"a collective with the other {jax.process_count() - 1} process(es) failed in epoch {epoch + 1} "
+            f"({str(err).strip().splitlines()[0][:160]}): one of them has probably died (killed, preempted, out of "
+            f"memory); {kept}")
 
 
 def _floats(values) -> list:
@@ -141,9 +174,11 @@ def check_finite(flags: list, config: Config, epoch: int, first_tick: int, last_
 def run_epoch(trainer: Trainer, state, batches, position: Position, ticks: int, config: Config, log: RunLog,
               stop: StopRequest, checkpoints: Checkpoints, workdir: str, show_progress: bool):
     """Train the rest of one epoch from `position` (updated in place): (state, per-tick losses of the
-    epoch, whether a signal stopped it early)."""
+    epoch, whether a signal stopped it early). One process checks for a signal after every tick;
+    several agree on it at every log point (`--log-every`), the ticks where they synchronise anyway."""
     epoch, first = position.epoch, position.index
     losses, flags, checked, started = [], [], 0, time.time()
+    single = jax.process_count() == 1
     bar = tqdm(range(first, ticks), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show_progress, leave=False)
     for index in bar:
         x, y = next(batches)
@@ -151,7 +186,8 @@ def run_epoch(trainer: Trainer, state, batches, position: Position, ticks: int, 
         losses.append(metrics["loss"])
         flags.append(metrics["nonfinite"])
         done = index + 1
-        if done % config.log_every == 0 or done == ticks or stop.signal is not None:
+        at_log_point = done % config.log_every == 0 or done == ticks
+        if at_log_point or (single and stop.signal is not None):
             position.skipped_updates += check_finite(flags[checked:], config, epoch, epoch * ticks + first + checked + 1,
                                                      checkpoints.latest_step(), workdir)
             checked = len(flags)
@@ -162,9 +198,9 @@ def run_epoch(trainer: Trainer, state, batches, position: Position, ticks: int, 
             log.write({"event": "train", "epoch": epoch + 1, "tick": tick, "loss": loss, "images_per_s": rate,
                        "skipped_updates": position.skipped_updates}, learning_rates(config, ticks, tick))
             bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "warm-up", img_s=f"{rate:.0f}")
-        if stop.signal is not None and done < ticks:
-            position.index, position.data_state = done, batches.get_state()
-            return state, losses, True
+            if done < ticks and stop.agreed():
+                position.index, position.data_state = done, batches.get_state()
+                return state, losses, True
     return state, losses, False
 
 
@@ -182,21 +218,18 @@ def train_and_evaluate(
     spec = data_lib.DATASETS[config.dataset]
     mesh = None if config.emulate else make_mesh(config.data_parallel, config.stages)  # enough devices?
     prepare_workdir(workdir, resume, overwrite)
-    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    if resume and checkpoints.latest_step() is None:
+    if resume and not Checkpoints.exist(os.path.join(workdir, "checkpoints")):
         raise ValueError(f"--resume: no checkpoint in {workdir}/checkpoints; start without --resume")
-    train_data, eval_data = datasets or load_datasets(config)
+    train_data, eval_data = datasets or load_datasets(config)  # before the checkpoints: absent data leaves no run
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     if len(train_data) < config.batch_size:
         raise ValueError(f"--batch-size {config.batch_size}: larger than the {len(train_data)} training examples")
     ticks = pipeline.ticks_per_epoch(len(train_data), config.batch_size)
     trainer, boundaries = build_trainer(config, ticks, mesh)
     state = trainer.init(jax.random.key(config.seed), np.zeros((config.batch_size, *spec.image_shape), np.float32))
     position = Position()
-    if resume:  # the settings are checked against the checkpoint actually restored, before any training
-        state, meta, _ = checkpoints.restore_latest(state)
-        differences = config_differences(meta["config"], config)
-        if differences:
-            raise ValueError(f"--resume: the checkpoint in {workdir} was made with other settings: " + "; ".join(differences))
+    if resume:  # the settings are checked on the checkpoint to restore, before its arrays are read
+        state, meta, _ = checkpoints.restore_latest(state, config, ticks)
         position = Position(**{f.name: meta[f.name] for f in dataclasses.fields(Position)})
     started, previous_wall, train_seconds, train_images, interrupted = time.time(), position.wall_time_s, 0.0, 0, None
     rows = trainer.local_rows(config.batch_size)
@@ -208,38 +241,43 @@ def train_and_evaluate(
         })
 
     main_process = jax.process_index() == 0  # writes metrics and summary; every process checkpoints
-    with RunLog(workdir, config.tensorboard, enabled=main_process) as log, StopRequest() as stop:
-        while position.epoch < config.epochs:
-            epoch, first, epoch_start = position.epoch, position.index, time.time()
-            batches = pipeline.iterate(pipeline.train_dataset(train_data, spec, config.seed, epoch, config.batch_size,
-                                                              rows), position.data_state)
-            state, losses, stopped = run_epoch(trainer, state, batches, position, ticks, config, log, stop,
-                                               checkpoints, workdir, show_progress)
-            position.epoch_losses = position.epoch_losses + _floats(distributed.to_host(losses))
-            if stopped:
-                interrupted = (epoch, position.index)
+    try:
+        with RunLog(workdir, config.tensorboard, enabled=main_process) as log, StopRequest() as stop:
+            while position.epoch < config.epochs:
+                epoch, first, epoch_start = position.epoch, position.index, time.time()
+                batches = pipeline.iterate(pipeline.train_dataset(train_data, spec, config.seed, epoch, config.batch_size,
+                                                                  rows), position.data_state)
+                state, losses, stopped = run_epoch(trainer, state, batches, position, ticks, config, log, stop,
+                                                   checkpoints, workdir, show_progress)
+                position.epoch_losses = position.epoch_losses + _floats(distributed.to_host(losses))
+                if stopped:
+                    interrupted = (epoch, position.index)
+                    save()
+                    break
+                epoch_seconds = time.time() - epoch_start
+                train_seconds += epoch_seconds
+                train_images += (ticks - first) * config.batch_size
+                epoch_losses = np.asarray(position.epoch_losses, np.float64)
+                accuracy = evaluate(trainer, state, eval_data, config)
+                position.history.append({
+                    "epoch": epoch + 1, "tick": (epoch + 1) * ticks, "test_accuracy": accuracy,
+                    "train_loss": float(np.nanmean(epoch_losses)) if np.isfinite(epoch_losses).any() else None,
+                    "images_per_s": (ticks - first) * config.batch_size / epoch_seconds,
+                    "wall_time_s": previous_wall + time.time() - started,
+                })
+                log.write({"event": "eval", **position.history[-1]}, learning_rates(config, ticks, (epoch + 1) * ticks))
+                print(f"[process {jax.process_index()}] " * (jax.process_count() > 1) +
+                      f"epoch {epoch + 1}/{config.epochs}: train loss {position.history[-1]['train_loss']}, "
+                      f"test accuracy {accuracy:.4f}, {position.history[-1]['images_per_s']:.0f} images/s", flush=True)
+                position.epoch, position.index, position.data_state, position.epoch_losses = epoch + 1, 0, None, []
                 save()
-                break
-            epoch_seconds = time.time() - epoch_start
-            train_seconds += epoch_seconds
-            train_images += (ticks - first) * config.batch_size
-            epoch_losses = np.asarray(position.epoch_losses, np.float64)
-            accuracy = evaluate(trainer, state, eval_data, config)
-            position.history.append({
-                "epoch": epoch + 1, "tick": (epoch + 1) * ticks, "test_accuracy": accuracy,
-                "train_loss": float(np.nanmean(epoch_losses)) if np.isfinite(epoch_losses).any() else None,
-                "images_per_s": (ticks - first) * config.batch_size / epoch_seconds,
-                "wall_time_s": previous_wall + time.time() - started,
-            })
-            log.write({"event": "eval", **position.history[-1]}, learning_rates(config, ticks, (epoch + 1) * ticks))
-            print(f"[process {jax.process_index()}] " * (jax.process_count() > 1) +
-                  f"epoch {epoch + 1}/{config.epochs}: train loss {position.history[-1]['train_loss']}, "
-                  f"test accuracy {accuracy:.4f}, {position.history[-1]['images_per_s']:.0f} images/s", flush=True)
-            position.epoch, position.index, position.data_state, position.epoch_losses = epoch + 1, 0, None, []
-            save()
-            if stop.signal is not None:
-                interrupted = (epoch + 1, 0)
-                break
+                if stop.agreed():
+                    interrupted = (epoch + 1, 0)
+                    break
+    except jax.errors.JaxRuntimeError as err:
+        if jax.process_count() == 1:
+            raise
+        raise LostProcess(lost_process_message(err, position.epoch, checkpoints, workdir)) from err
     checkpoints.close()
     history = position.history
     summary = {

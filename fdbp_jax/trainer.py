@@ -4,6 +4,7 @@ surface as one clear ValueError."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -17,7 +18,7 @@ from fdbp_jax import distributed, engines
 from fdbp_jax.delays import DelayModel
 from fdbp_jax.engines import STASH_MODES, Engine, EngineOptions
 from fdbp_jax.mesh import check_mesh, num_devices
-from fdbp_jax.stages import LossFn, Stage, trace_shapes
+from fdbp_jax.stages import LossFn, Stage, float32_loss, trace_shapes
 
 ALGORITHMS = tuple(engines.ALGORITHMS)
 # compute dtype -> what the stages cast parameters and inputs to (None: leave them float32)
@@ -141,7 +142,7 @@ class Trainer:
         if self._batch is None:
             raise ValueError("call trainer.init(...) before trainer.step(...)")
         x_shape, x_dtype, y_shape, y_dtype = self._batch
-        x, y = self._global(x, y, x_shape[0])
+        x, y = self.global_batch(x_shape[0], x, y)
         if tuple(x.shape) != tuple(x_shape) or tuple(y.shape) != tuple(y_shape):
             raise ValueError(
                 f"batch shapes x{tuple(x.shape)}, y{tuple(y.shape)} differ from init's x{tuple(x_shape)}, "
@@ -154,7 +155,7 @@ class Trainer:
     def compiled_step(self, state, x, y) -> jax.stages.Compiled:
         """The compiled tick `step(state, x, y)` runs: its `memory_analysis()` and `cost_analysis()`
         are what benchmarks read (nothing runs)."""
-        x, y = self._global(x, y, self._batch[0][0]) if self._batch else (x, y)
+        x, y = self.global_batch(self._batch[0][0], x, y) if self._batch else (x, y)
         return self.engine.lower(state, x, y).compile()
 
     def local_rows(self, batch: int) -> range:
@@ -165,13 +166,13 @@ class Trainer:
             return range(batch)
         return distributed.process_rows(sharding, batch)
 
-    def _global(self, x, y, batch: int):
-        """Process-local rows (`local_rows`) of a global batch -> global arrays; global batches as they are."""
-        if jax.process_count() == 1 or len(x) == batch or len(x) != len(self.local_rows(batch)):
-            return x, y
+    def global_batch(self, batch: int, *arrays) -> tuple:
+        """This process's rows (`local_rows(batch)`) of arrays of a global batch of `batch` examples ->
+        global jax.Arrays laid out as the engine's batch; global batches (and one process) as they are."""
+        if jax.process_count() == 1 or len(arrays[0]) == batch or len(arrays[0]) != len(self.local_rows(batch)):
+            return arrays
         sharding = self.engine.batch_sharding
-        return (distributed.from_local_rows(np.asarray(x), sharding, batch),
-                distributed.from_local_rows(np.asarray(y), sharding, batch))
+        return tuple(distributed.from_local_rows(np.asarray(a), sharding, batch) for a in arrays)
 
     def stage_variables(self, state) -> list[dict]:
         """The K stages' flax variable dicts (same structure as init), as host arrays."""
@@ -181,7 +182,7 @@ class Trainer:
         """Logits of a full forward with the current weights, in inference mode. With several
         processes, `x` may be this process's `local_rows(batch)` of a global batch of `batch`."""
         if batch is not None:
-            x, _ = self._global(x, np.zeros(len(x), np.int32), batch)
+            (x,) = self.global_batch(batch, x)
         return self.engine.predict(state, x)
 
     def _check_batch(self, x, y, name: str) -> None:
@@ -215,6 +216,6 @@ class Trainer:
         return variables
 
     def _check_loss(self, logits: jax.ShapeDtypeStruct, labels: jax.ShapeDtypeStruct) -> None:
-        out = jax.eval_shape(self.engine.loss_fn, logits, labels)
+        out = jax.eval_shape(partial(float32_loss, self.engine.loss_fn), logits, labels)
         if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
             raise ValueError(f"loss_fn(logits, labels) must return a scalar, got {out}")

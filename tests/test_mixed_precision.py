@@ -44,3 +44,17 @@ def test_stage_computes_in_bfloat16_and_returns_float32_gradients():
 def test_unknown_compute_dtype_is_refused():
     with pytest.raises(ValueError, match="compute_dtype='float16' is not known"):
         fj.Trainer(conv_stages(2), cross_entropy, optax.sgd(0.1), compute_dtype="float16")
+
+
+@pytest.mark.parametrize("algorithm", ["fdbp", "bp"])
+def test_the_loss_sees_float32_logits_under_bfloat16_whatever_loss_fn_is_given(algorithm):
+    seen = []
+
+    def loss_fn(logits, labels):  # a user's loss that would compute in whatever dtype it is given
+        seen.append(logits.dtype)
+        return cross_entropy(logits, labels)
+
+    xs, ys = batches(3, batch=8)
+    trainer = fj.Trainer(conv_stages(2), loss_fn, optax.sgd(0.05), compute_dtype="bfloat16", algorithm=algorithm)
+    run(trainer, trainer.init(jax.random.key(0), xs[0]), xs, ys)
+    assert seen and set(seen) == {jnp.dtype(jnp.float32)}

@@ -3,6 +3,7 @@ non-finite updates can be skipped; SIGTERM and SIGKILL lose nothing on resume.""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import toy
 
 import fdbp_jax as fj
 from fdbp_jax import data as data_lib
-from fdbp_jax import cli, train
+from fdbp_jax import checkpoint, cli, train
 from fdbp_jax.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,6 +155,23 @@ def test_nonfinite_flags_follow_the_schedule_and_can_be_skipped(use_mesh):
     assert flags[False][:4] == flags[True][:4] and flags[False][4:] == [[True, True], [True, True]]  # NaN weights
 
 
+@pytest.mark.parametrize("use_mesh", [False, True])
+def test_a_skipped_update_also_keeps_the_model_state_of_before(use_mesh):
+    """A NaN batch with BatchNorm: its forward's statistics are not kept when its update is skipped."""
+    xs, ys = toy.batches(6, batch=4)
+    xs[2, 0, 0, 0, 0] = np.nan
+    trainer = fj.Trainer(toy.conv_stages(2, batch_norm=True), toy.cross_entropy, optax.sgd(0.1),
+                         mesh=fj.make_mesh(2, 2) if use_mesh else None, replicas=None if use_mesh else 2,
+                         skip_nonfinite=True)
+    state = trainer.init(jax.random.key(0), xs[0])
+    for x, y in zip(xs, ys):
+        state, metrics = trainer.step(state, x, y)
+    variables = trainer.stage_variables(state)
+    assert "batch_stats" in variables[0]
+    for stage in variables:
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(stage)), stage.keys()
+
+
 RUNNER = textwrap.dedent("""
     import sys, jax
     jax.config.update("jax_num_cpu_devices", 8)
@@ -218,7 +236,7 @@ def test_killed_run_resumes_to_the_same_parameters(uninterrupted, tmp_path, sig)
         np.testing.assert_array_equal(expected[name], got[name])
 
 
-def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous_and_is_kept(tmp_path, capsys):
     datasets = (tiny(32), tiny(32, 1))
     config = Config(**TINY, epochs=2, lr=0.05)
     train.train_and_evaluate(config, str(tmp_path), datasets=datasets, show_progress=False)
@@ -229,8 +247,10 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsy
     resumed = train.train_and_evaluate(Config(**TINY, epochs=2, lr=0.05), str(tmp_path), resume=True,
                                        datasets=datasets, show_progress=False)
     err = capsys.readouterr().err
-    assert "checkpoint 4 in" in err and "is unreadable" in err
+    assert "checkpoint 4 in" in err and "is unreadable" in err and "moved to" in err
     assert [h["epoch"] for h in resumed.summary["history"]] == [1, 2]  # epoch 2 was trained again from tick 2
+    kept = list((tmp_path / checkpoint.UNREADABLE).iterdir())  # moved aside, not deleted
+    assert len(kept) == 1 and kept[0].name.startswith("4-") and (kept[0] / "state").is_dir()
 
 
 def test_damaged_metadata_of_the_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
@@ -244,3 +264,40 @@ def test_damaged_metadata_of_the_latest_checkpoint_falls_back_to_the_previous(tm
     resumed = train.train_and_evaluate(config, str(tmp_path), resume=True, datasets=datasets, show_progress=False)
     assert "checkpoint 4 in" in capsys.readouterr().err
     assert [h["epoch"] for h in resumed.summary["history"]] == [1, 2]  # settings checked on checkpoint 2, used
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 2-epoch run (constant schedule) whose checkpoints the resume tests copy."""
+    folder = tmp_path_factory.mktemp("finished")
+    train.train_and_evaluate(Config(**TINY, epochs=2, lr=0.05), str(folder), datasets=(tiny(32), tiny(32, 1)),
+                             show_progress=False)
+    return folder
+
+
+def copy_of(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_a_changed_stage_count_is_named_and_no_checkpoint_is_touched(finished_run, tmp_path):
+    run = copy_of(finished_run, tmp_path)
+    with pytest.raises(ValueError, match=r"made with other settings: stages 2 \(checkpoint\) vs 3 \(now\)"):
+        train.train_and_evaluate(Config(**{**TINY, "stages": 3}, epochs=2, lr=0.05), str(run), resume=True,
+                                 datasets=(tiny(32), tiny(32, 1)), show_progress=False)
+    assert sorted(os.listdir(run / "checkpoints"), key=int) == ["2", "4"]
+    assert not (run / checkpoint.UNREADABLE).exists()
+
+
+def test_more_epochs_resume_only_where_the_schedule_does_not_depend_on_them(finished_run, tmp_path):
+    datasets = (tiny(32), tiny(32, 1))
+    cosine = dict(TINY, schedule="cosine", lr=0.05)
+    train.train_and_evaluate(Config(**cosine, epochs=1), str(tmp_path / "cosine"), datasets=datasets,
+                             show_progress=False)
+    with pytest.raises(ValueError, match=r"epochs 1 \(checkpoint\) vs 3 \(now\): the cosine learning-rate schedule is "
+                                         r"laid out over --epochs.*keep --epochs 1"):
+        train.train_and_evaluate(Config(**cosine, epochs=3), str(tmp_path / "cosine"), resume=True, datasets=datasets,
+                                 show_progress=False)
+    extended = train.train_and_evaluate(Config(**TINY, epochs=3, lr=0.05), str(copy_of(finished_run, tmp_path)),
+                                        resume=True, datasets=datasets, show_progress=False)  # constant: extends
+    assert [h["epoch"] for h in extended.summary["history"]] == [1, 2, 3]

@@ -4,14 +4,21 @@ import dataclasses
 import json
 import os
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import tensorflow_datasets as tfds
+
+import fdbp_jax as fj
 
 from fdbp_jax import data as data_lib
 from fdbp_jax import cli, optim, train
 from fdbp_jax.config import PRESETS, Config
+from fdbp_jax.losses import cross_entropy
+from fdbp_jax.trainer import Trainer
 
 
 def tiny_cifar(n: int, seed: int) -> data_lib.ArrayDataset:
@@ -124,3 +131,36 @@ def test_every_setting_has_one_flag_and_help_works(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--help"])
     assert exit_info.value.code == 0 and "--staleness-power" in capsys.readouterr().out
+
+
+class Identity(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x * self.param("scale", nn.initializers.ones, ())
+
+
+class BrightnessOracle(nn.Module):
+    """Classifies an image of constant brightness 20 * c as class c (what `oracle_images` make)."""
+
+    @nn.compact
+    def __call__(self, x):
+        spec = data_lib.DATASETS["cifar10"]
+        centres = (np.arange(10) * 20 / 255.0 - spec.mean[0]) / spec.std[0]
+        return -jnp.abs(x[:, 0, 0, :1] - centres[None, :]) * self.param("scale", nn.initializers.ones, ())
+
+
+def oracle_images(classes: np.ndarray) -> np.ndarray:
+    return np.broadcast_to((classes * 20).astype(np.uint8)[:, None, None, None], (len(classes), 32, 32, 3)).copy()
+
+
+@pytest.mark.parametrize("algorithm,mesh_shape", [("fdbp", (2, 2)), ("bp", (2, 2)), ("fdbp", None)], ids=str)
+def test_evaluate_gives_the_accuracy_of_a_known_predictor(algorithm, mesh_shape):
+    """50 images (3 batches of 16 and a padded one) of which 37 carry the class the oracle predicts."""
+    classes = np.arange(50) % 10
+    labels = np.where(np.arange(50) < 37, classes, (classes + 1) % 10).astype(np.int32)
+    dataset = data_lib.ArrayDataset(oracle_images(classes), labels)
+    trainer = Trainer([Identity(), BrightnessOracle()], cross_entropy, optax.sgd(0.0), algorithm=algorithm,
+                      mesh=fj.make_mesh(*mesh_shape) if mesh_shape else None)
+    state = trainer.init(jax.random.key(0), np.zeros((16, 32, 32, 3), np.float32))
+    config = Config(model="cnn", stages=2, data_parallel=2, eval_batch_size=16)
+    assert train.evaluate(trainer, state, dataset, config) == 37 / 50
