@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--coordinator-address", help="multi-host: host:port of process 0 (else from the cluster's environment)")
     add("--num-processes", type=int, help="multi-host: number of processes")
     add("--process-id", type=int, help="multi-host: this process's index")
+    add("--collective-timeout", type=int, default=60, metavar="SECONDS",
+        help="multi-process on CPU (gloo): a collective waiting longer on a peer fails, ending the run with exit "
+             "code 4 (a dead peer can leave a send waiting); raise it if processes may fall this far behind")
     add("--workdir", default="runs/latest")
     add("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
     add("--overwrite", action="store_true", help="replace a run already in --workdir")
@@ -94,6 +97,8 @@ def check_processes(args: argparse.Namespace, config: Config) -> int:
         raise ValueError(f"--num-processes {processes}: must be >= 1")
     if args.process_id is not None and not 0 <= args.process_id < processes:
         raise ValueError(f"--process-id {args.process_id}: must be between 0 and --num-processes - 1 = {processes - 1}")
+    if args.collective_timeout < 1:
+        raise ValueError(f"--collective-timeout {args.collective_timeout}: must be >= 1 (seconds)")
     if processes > 1 and config.emulate:
         raise ValueError(f"--emulate runs on one device of one process: drop it or --num-processes {processes}")
     return processes
@@ -121,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         processes = check_processes(args, config)
         simulate_devices(max(1, devices // processes))
         if args.coordinator_address or processes > 1:
-            distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+            distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                                   args.collective_timeout)
             distributed.check_same_settings({"config": config.to_json(), "workdir": os.path.abspath(args.workdir),
                                              "resume": args.resume, "overwrite": args.overwrite})
         if jax.default_backend() == "cpu" and devices > 1 and not args.show_split:

@@ -13,11 +13,17 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 
+COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_timeout_seconds"
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+               process_id: int | None = None, collective_timeout_s: int = 60) -> None:
     """Start `jax.distributed` from explicit values or, where they are None, from what the cluster sets
     (SLURM, Open MPI, TPU pods, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
-    On CPU, collectives across processes go through gloo."""
+    On CPU, collectives across processes go through gloo, and one that waits longer than
+    `collective_timeout_s` on a peer fails (XLA's --xla_cpu_collective_timeout_seconds, unless XLA_FLAGS
+    sets it): a send to a peer that died may otherwise wait until JAX's heartbeat aborts the process.
+    Call it before JAX starts its backend."""
     coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
         num_processes = int(os.environ["JAX_NUM_PROCESSES"])
@@ -25,6 +31,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         process_id = int(os.environ["JAX_PROCESS_ID"])
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not _has_accelerator_hint():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        flags = os.environ.get("XLA_FLAGS", "")
+        if COLLECTIVE_TIMEOUT_FLAG not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} {COLLECTIVE_TIMEOUT_FLAG}={collective_timeout_s}".strip()
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 

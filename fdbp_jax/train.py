@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -141,12 +142,27 @@ class LostProcess(RuntimeError):
     (killed, preempted, out of memory) or cannot be reached."""
 
 
-def lost_process_message(err: Exception, epoch: int, checkpoints: Checkpoints, workdir: str) -> str:
-    """What a survivor of a lost peer says: what failed, where, what was kept and how to continue."""
-    latest = checkpoints.latest_step()
-    kept = (f"the checkpoints in {workdir}/checkpoints are intact (latest: tick {latest}): start every process "
-            "again with --resume" if latest is not None else "no checkpoint was written yet: start every process again")
-    return (f"a collective with the other {jax.process_count() - 1} process(es) failed in epoch {epoch + 1} "
+RUNTIME_STATUS = re.compile(r"^(UNKNOWN|UNAVAILABLE|INTERNAL|DEADLINE_EXCEEDED|ABORTED|CANCELLED): ")
+
+
+def collective_failed(err: BaseException | None) -> bool:
+    """Whether `err` is, or was raised from, a failed call into JAX's runtime (a collective with a lost
+    peer). It comes as a JaxRuntimeError, or (from some dispatch paths, e.g. inside orbax's sync) as
+    another exception carrying the runtime's status, such as "UNKNOWN: Gloo AllGather failed"."""
+    while err is not None:
+        if isinstance(err, jax.errors.JaxRuntimeError) or RUNTIME_STATUS.match(str(err)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def lost_process_message(err: BaseException, workdir: str) -> str:
+    """What a survivor of a lost peer says: what failed, what was kept and how to continue."""
+    directory = os.path.join(workdir, "checkpoints")
+    steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+    kept = (f"the checkpoints in {directory} are intact (latest: tick {max(steps)}): start every process again "
+            "with --resume" if steps else "no checkpoint was written yet: start every process again")
+    return (f"a collective with the other {jax.process_count() - 1} process(es) failed "
             f"({str(err).strip().splitlines()[0][:160]}): one of them has probably died (killed, preempted, out of "
             f"memory); {kept}")
 
@@ -213,7 +229,18 @@ def train_and_evaluate(
     show_progress: bool = True,
 ) -> RunResult:
     """Train `config` in `workdir`: orbax checkpoints each epoch (and on SIGINT/SIGTERM), metrics.jsonl,
-    TensorBoard, summary.json. Raises ValueError for bad settings and Diverged for a non-finite gradient."""
+    TensorBoard, summary.json. Raises ValueError for bad settings, Diverged for a non-finite gradient
+    and, with several processes, LostProcess when a collective with the others fails."""
+    try:
+        return _train_and_evaluate(config, workdir, resume, overwrite, datasets, show_progress)
+    except Exception as err:
+        if jax.process_count() == 1 or not collective_failed(err):
+            raise
+        raise LostProcess(lost_process_message(err, workdir)) from err
+
+
+def _train_and_evaluate(config: Config, workdir: str, resume: bool, overwrite: bool,
+                        datasets: tuple[Sequence, Sequence] | None, show_progress: bool) -> RunResult:
     validate(config)
     spec = data_lib.DATASETS[config.dataset]
     mesh = None if config.emulate else make_mesh(config.data_parallel, config.stages)  # enough devices?
@@ -241,43 +268,38 @@ def train_and_evaluate(
         })
 
     main_process = jax.process_index() == 0  # writes metrics and summary; every process checkpoints
-    try:
-        with RunLog(workdir, config.tensorboard, enabled=main_process) as log, StopRequest() as stop:
-            while position.epoch < config.epochs:
-                epoch, first, epoch_start = position.epoch, position.index, time.time()
-                batches = pipeline.iterate(pipeline.train_dataset(train_data, spec, config.seed, epoch, config.batch_size,
-                                                                  rows), position.data_state)
-                state, losses, stopped = run_epoch(trainer, state, batches, position, ticks, config, log, stop,
-                                                   checkpoints, workdir, show_progress)
-                position.epoch_losses = position.epoch_losses + _floats(distributed.to_host(losses))
-                if stopped:
-                    interrupted = (epoch, position.index)
-                    save()
-                    break
-                epoch_seconds = time.time() - epoch_start
-                train_seconds += epoch_seconds
-                train_images += (ticks - first) * config.batch_size
-                epoch_losses = np.asarray(position.epoch_losses, np.float64)
-                accuracy = evaluate(trainer, state, eval_data, config)
-                position.history.append({
-                    "epoch": epoch + 1, "tick": (epoch + 1) * ticks, "test_accuracy": accuracy,
-                    "train_loss": float(np.nanmean(epoch_losses)) if np.isfinite(epoch_losses).any() else None,
-                    "images_per_s": (ticks - first) * config.batch_size / epoch_seconds,
-                    "wall_time_s": previous_wall + time.time() - started,
-                })
-                log.write({"event": "eval", **position.history[-1]}, learning_rates(config, ticks, (epoch + 1) * ticks))
-                print(f"[process {jax.process_index()}] " * (jax.process_count() > 1) +
-                      f"epoch {epoch + 1}/{config.epochs}: train loss {position.history[-1]['train_loss']}, "
-                      f"test accuracy {accuracy:.4f}, {position.history[-1]['images_per_s']:.0f} images/s", flush=True)
-                position.epoch, position.index, position.data_state, position.epoch_losses = epoch + 1, 0, None, []
+    with RunLog(workdir, config.tensorboard, enabled=main_process) as log, StopRequest() as stop:
+        while position.epoch < config.epochs:
+            epoch, first, epoch_start = position.epoch, position.index, time.time()
+            batches = pipeline.iterate(pipeline.train_dataset(train_data, spec, config.seed, epoch, config.batch_size,
+                                                              rows), position.data_state)
+            state, losses, stopped = run_epoch(trainer, state, batches, position, ticks, config, log, stop,
+                                               checkpoints, workdir, show_progress)
+            position.epoch_losses = position.epoch_losses + _floats(distributed.to_host(losses))
+            if stopped:
+                interrupted = (epoch, position.index)
                 save()
-                if stop.agreed():
-                    interrupted = (epoch + 1, 0)
-                    break
-    except jax.errors.JaxRuntimeError as err:
-        if jax.process_count() == 1:
-            raise
-        raise LostProcess(lost_process_message(err, position.epoch, checkpoints, workdir)) from err
+                break
+            epoch_seconds = time.time() - epoch_start
+            train_seconds += epoch_seconds
+            train_images += (ticks - first) * config.batch_size
+            epoch_losses = np.asarray(position.epoch_losses, np.float64)
+            accuracy = evaluate(trainer, state, eval_data, config)
+            position.history.append({
+                "epoch": epoch + 1, "tick": (epoch + 1) * ticks, "test_accuracy": accuracy,
+                "train_loss": float(np.nanmean(epoch_losses)) if np.isfinite(epoch_losses).any() else None,
+                "images_per_s": (ticks - first) * config.batch_size / epoch_seconds,
+                "wall_time_s": previous_wall + time.time() - started,
+            })
+            log.write({"event": "eval", **position.history[-1]}, learning_rates(config, ticks, (epoch + 1) * ticks))
+            print(f"[process {jax.process_index()}] " * (jax.process_count() > 1) +
+                  f"epoch {epoch + 1}/{config.epochs}: train loss {position.history[-1]['train_loss']}, "
+                  f"test accuracy {accuracy:.4f}, {position.history[-1]['images_per_s']:.0f} images/s", flush=True)
+            position.epoch, position.index, position.data_state, position.epoch_losses = epoch + 1, 0, None, []
+            save()
+            if stop.agreed():
+                interrupted = (epoch + 1, 0)
+                break
     checkpoints.close()
     history = position.history
     summary = {

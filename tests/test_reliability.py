@@ -61,6 +61,7 @@ BAD_INPUT = [
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--num-processes", "2", "--process-id", "2"], "--process-id 2: must be between 0 and --num-processes - 1 = 1"),
     (["--num-processes", "2", "--emulate"], "--emulate runs on one device of one process"),
+    (["--num-processes", "2", "--collective-timeout", "0"], "--collective-timeout 0: must be >= 1 (seconds)"),
 ]
 
 
@@ -301,3 +302,19 @@ def test_more_epochs_resume_only_where_the_schedule_does_not_depend_on_them(fini
     extended = train.train_and_evaluate(Config(**TINY, epochs=3, lr=0.05), str(copy_of(finished_run, tmp_path)),
                                         resume=True, datasets=datasets, show_progress=False)  # constant: extends
     assert [h["epoch"] for h in extended.summary["history"]] == [1, 2, 3]
+
+
+def test_failed_collectives_are_told_from_other_errors():
+    """What train_and_evaluate turns into LostProcess: the runtime's errors, also when wrapped (JAX's
+    dispatch inside orbax's sync raised a ValueError "UNKNOWN: Gloo AllGather failed" here)."""
+    gloo = ValueError("UNKNOWN: Gloo AllGather failed: [pair.cc:547] Connection closed by peer [127.0.0.1]:24773")
+    assert train.collective_failed(gloo)
+    try:
+        try:
+            raise gloo
+        except ValueError as err:
+            raise RuntimeError("orbax: save failed") from err
+    except RuntimeError as wrapped:
+        assert train.collective_failed(wrapped)
+    assert not train.collective_failed(ValueError("--lr 0.0: must be > 0"))
+    assert not train.collective_failed(train.Diverged("training diverged: non-finite gradient at tick 3"))
