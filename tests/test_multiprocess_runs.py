@@ -25,7 +25,7 @@ from fdbp_jax import train
 from fdbp_jax.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TICKS_PER_EPOCH, EPOCHS, EVAL_EXAMPLES = 20, 3, 40
+TICKS_PER_EPOCH, EPOCHS, EVAL_EXAMPLES = 16, 2, 40
 FLAGS = ["--model", "cnn", "--stages", "2", "--batch-size", "16", "--lr", "0.05", "--schedule", "constant",
          "--epochs", str(EPOCHS), "--train-examples", str(16 * TICKS_PER_EPOCH), "--eval-examples",
          str(EVAL_EXAMPLES), "--eval-batch-size", "16", "--log-every", "2", "--no-progress", "--no-tensorboard"]
