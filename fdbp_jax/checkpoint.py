@@ -33,9 +33,10 @@ class Checkpoints:
         )
 
     @staticmethod
-    def exist(directory: str) -> bool:
-        """Whether `directory` holds at least one finished checkpoint (without creating anything)."""
-        return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+    def finished_steps(directory: str) -> list[int]:
+        """The steps of the finished checkpoints in `directory`, read from its folder names (nothing is
+        created; a checkpoint still being written has a temporary name)."""
+        return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -47,13 +48,10 @@ class Checkpoints:
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
         self.manager.wait_until_finished()
 
-    def restore(self, step: int, like: Any) -> tuple[Any, dict]:
-        """Restore checkpoint `step` into the structure, shapes and shardings of the state `like`."""
+    def restore_state(self, step: int, like: Any) -> Any:
+        """Restore the arrays of checkpoint `step` into the structure, shapes and shardings of the state `like`."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-        )
-        return restored["state"], restored["meta"]
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
 
     def read_meta(self, step: int) -> dict:
         """The JSON metadata of checkpoint `step` alone (position, settings), without its arrays."""
@@ -76,8 +74,7 @@ class Checkpoints:
                     raise ValueError(f"--resume: the checkpoint {step} in {self.manager.directory} was made with other "
                                      "settings: " + "; ".join(differences))
                 try:
-                    state = self.manager.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, like))))["state"]
+                    state = self.restore_state(step, like)
                 except Exception as err:
                     error = err
                 if not distributed.any_process(error is not None):

@@ -104,10 +104,10 @@ MESSAGE_BYTES = 4096  # longest message `first_error` carries between processes 
 def _gather_bytes(text: str) -> list[str]:
     """Every process's `text` (utf-8, at most MESSAGE_BYTES), in process order, on every process."""
     encoded = text.encode()[:MESSAGE_BYTES]
-    buffer = np.zeros(MESSAGE_BYTES + 1, np.uint8)
-    buffer[0], buffer[1 : 1 + len(encoded)] = 1, np.frombuffer(encoded, np.uint8)
+    buffer = np.zeros(MESSAGE_BYTES, np.uint8)
+    buffer[: len(encoded)] = np.frombuffer(encoded, np.uint8)
     rows = np.asarray(multihost_utils.process_allgather(buffer)).reshape(jax.process_count(), -1)
-    return [bytes(row[1:]).rstrip(b"\0").decode(errors="replace") for row in rows]
+    return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in rows]
 
 
 def first_error(message: str | None) -> str | None:

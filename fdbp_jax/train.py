@@ -127,10 +127,7 @@ class StopRequest:
 
     def agreed(self) -> bool:
         """Whether any process has been asked to stop (a collective: call it at the same point on all)."""
-        stop = distributed.any_process(self.signal is not None)
-        if stop and self.signal is None:
-            self.signal = signal.SIGTERM  # a peer's request, now this process's too
-        return stop
+        return distributed.any_process(self.signal is not None)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -159,8 +156,8 @@ def collective_failed(err: BaseException | None) -> bool:
 def lost_process_message(err: BaseException, workdir: str) -> str:
     """What a survivor of a lost peer says: what failed, what was kept and how to continue."""
     directory = os.path.join(workdir, "checkpoints")
-    steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
-    kept = (f"the checkpoints in {directory} are intact (latest: tick {max(steps)}): start every process again "
+    steps = Checkpoints.finished_steps(directory)
+    kept = (f"the checkpoints in {directory} are intact (latest: tick {steps[-1]}): start every process again "
             "with --resume" if steps else "no checkpoint was written yet: start every process again")
     return (f"a collective with the other {jax.process_count() - 1} process(es) failed "
             f"({str(err).strip().splitlines()[0][:160]}): one of them has probably died (killed, preempted, out of "
@@ -245,7 +242,7 @@ def _train_and_evaluate(config: Config, workdir: str, resume: bool, overwrite: b
     spec = data_lib.DATASETS[config.dataset]
     mesh = None if config.emulate else make_mesh(config.data_parallel, config.stages)  # enough devices?
     prepare_workdir(workdir, resume, overwrite)
-    if resume and not Checkpoints.exist(os.path.join(workdir, "checkpoints")):
+    if resume and not Checkpoints.finished_steps(os.path.join(workdir, "checkpoints")):
         raise ValueError(f"--resume: no checkpoint in {workdir}/checkpoints; start without --resume")
     train_data, eval_data = datasets or load_datasets(config)  # before the checkpoints: absent data leaves no run
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
