@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import zlib
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import optax
@@ -20,34 +22,141 @@ LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """A flax module used as one stage. If its ``__call__`` takes ``train``, it is passed
-    ``train=True`` while training and ``train=False`` in `predict`; every variable collection other
-    than ``params`` (e.g. ``batch_stats``) is model state, updated by training forwards."""
+    """A flax.linen module used as one stage (`NnxStage`: a flax.nnx one). If its ``__call__`` takes
+    ``train``, it is passed ``train=True`` while training and ``train=False`` in `predict`; every
+    variable collection other than ``params`` (e.g. ``batch_stats``) is model state, updated by
+    training forwards. A training forward given a key draws its randomness (``rngs={"dropout": key}``)
+    from it; the engines give each forward the key of its batch (`forward_key`), so a forward that is
+    run again in the backward draws the same dropout mask."""
 
-    module: nn.Module
+    module: Any
     compute_dtype: Any = None  # e.g. jnp.bfloat16: params and input cast to it for the computation
+    index: int = 0  # the stage's place in the pipeline, part of its forwards' keys
+    seed: int = 0  # of the forwards' keys
+    in_layout: Any = None  # a `boundaries.BoundaryLayout`: the input arrives packed (a pytree boundary)
+    out_layout: Any = None  # the output leaves packed
 
     @property
     def takes_train(self) -> bool:
         return "train" in inspect.signature(self.module.__call__).parameters
 
     def init(self, rng: jax.Array, x: jax.Array) -> dict:
-        return dict(self.module.init(rng, x, **self._train_kwargs(False)))
+        if self.in_layout is not None:
+            x = self.in_layout.unpack(x)
+        rngs = {"params": rng, "dropout": jax.random.fold_in(rng, 1)}
+        return dict(self.module.init(rngs, x, **self._train_kwargs(False)))
 
-    def apply(self, params: PyTree, model_state: dict, x: jax.Array, train: bool) -> tuple[jax.Array, dict]:
+    def apply(self, params: PyTree, model_state: dict, x: PyTree, train: bool,
+              key: jax.Array | None = None) -> tuple[PyTree, dict]:
         """Run the stage; returns (output, new model state). Inference leaves the state as it is. With a
         compute dtype, the float32 parameters and the input are cast to it (their gradients come back
         in float32 through the cast) and the output stays in it; model state keeps its own dtypes."""
+        if self.in_layout is not None:
+            x = self.in_layout.unpack(x)
         if self.compute_dtype is not None:
             params, x = cast_floating((params, x), self.compute_dtype)
-        variables = {"params": params, **model_state}
+        y, new_state = self._run(params, model_state, x, train, key)
         if train and model_state:
-            y, new_state = self.module.apply(variables, x, mutable=list(model_state), **self._train_kwargs(True))
-            return y, jax.tree.map(lambda new, old: new.astype(old.dtype), dict(new_state), model_state)
-        return self.module.apply(variables, x, **self._train_kwargs(train)), model_state
+            new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, model_state)
+        return (y if self.out_layout is None else self.out_layout.pack(y)), new_state
+
+    def _run(self, params, model_state, x, train, key):
+        variables = {"params": params, **model_state}
+        rngs = {} if key is None or not train else {"rngs": {"dropout": key}}
+        if train and model_state:
+            y, new_state = self.module.apply(variables, x, mutable=list(model_state), **rngs,
+                                             **self._train_kwargs(True))
+            return y, dict(new_state)
+        return self.module.apply(variables, x, **rngs, **self._train_kwargs(train)), model_state
 
     def _train_kwargs(self, train: bool) -> dict:
         return {"train": train} if self.takes_train else {}
+
+    def public_variables(self, variables: dict) -> Any:
+        """The engines' variables of this stage as the user sees them (linen: the variable dict)."""
+        return variables
+
+    def engine_variables(self, variables: Any) -> dict:
+        """The inverse of `public_variables`."""
+        return dict(variables)
+
+    def forward_key(self, batch: jax.Array, replica: jax.Array, microbatch: jax.Array | int = 0) -> jax.Array:
+        """The key of this stage's forward of `batch` (the global batch index) on `replica`: the same
+        in every engine and whenever that forward is run again."""
+        key = jax.random.fold_in(jax.random.key(self.seed), self.index)
+        for part in (batch, replica, microbatch):
+            key = jax.random.fold_in(key, jnp.maximum(jnp.asarray(part, jnp.int32), 0))
+        return key
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NnxStage(Stage):
+    """A flax.nnx module used as one stage. It trains from the weights the module holds (`nnx.Param`);
+    every other variable except its random streams (BatchNorm's `nnx.BatchStat`, counters) is model
+    state. Training forwards run it in ``train()`` mode, inference in ``eval()`` mode (and a ``train``
+    argument of ``__call__`` is passed as for linen). In every training forward its `nnx.Rngs` streams
+    are reseeded (`nnx.reseed`) from the forward's key, stream ``name`` with `stream_key(key, name)`;
+    they are neither trained nor kept."""
+
+    graphdef: Any = None
+    rng_state: Any = None  # the module's random streams (RngKey, RngCount): a template, never updated
+    held: tuple = ()  # (params, other state) as the module held them when the stage was made: their structure
+
+    @classmethod
+    def of(cls, module: Any, **settings) -> "NnxStage":
+        graphdef, params, rng_state, other = nnx.split(module, nnx.Param, nnx.RngState, ...)
+        return cls(module, graphdef=graphdef, rng_state=rng_state, held=(params, other), **settings)
+
+    def init(self, rng: jax.Array, x: jax.Array) -> dict:
+        """The weights the module holds now (copied: training never touches the module's arrays)."""
+        _, params, _, other = nnx.split(self.module, nnx.Param, nnx.RngState, ...)
+        params, other = jax.tree.map(jnp.array, (params, other))
+        return {"params": params, **({"state": other} if jax.tree.leaves(other) else {})}
+
+    def _run(self, params, model_state, x, train, key):
+        other = model_state.get("state", self.held[1])
+        model = nnx.merge(self.graphdef, params, self.rng_state, other, copy=True)
+        model.train() if train else model.eval()
+        if train and key is not None and self.stream_names:
+            nnx.reseed(model, **{name: stream_key(key, name) for name in self.stream_names})
+        y = model(x, **self._train_kwargs(train))
+        if train and model_state:
+            return y, {"state": nnx.split(model, nnx.Param, nnx.RngState, ...)[3]}
+        return y, model_state
+
+    @property
+    def stream_names(self) -> tuple[str, ...]:
+        """The names of the module's random streams (`nnx.Rngs(0)`: "default"; `nnx.Rngs(dropout=0)`: "dropout")."""
+        variables = jax.tree.leaves(self.rng_state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        return tuple(sorted({v.tag for v in variables if isinstance(v, nnx.RngKey)}))
+
+    def public_variables(self, variables: dict) -> Any:
+        """One `nnx.State` of the stage (params and model state), usable with `nnx.update(module, ...)`."""
+        return nnx.merge_state(variables["params"], variables.get("state", self.held[1]))
+
+    def engine_variables(self, variables: Any) -> dict:
+        if isinstance(variables, dict) and "params" in variables:
+            return dict(variables)
+        if not isinstance(variables, nnx.State):
+            raise ValueError(f"variables of an NNX stage must be an nnx.State (e.g. nnx.state(module)), got "
+                             f"{type(variables).__name__}")
+        params, _, other = nnx.split_state(variables, nnx.Param, nnx.RngState, ...)
+        return {"params": params, **({"state": other} if jax.tree.leaves(other) else {})}
+
+
+def stream_key(key: jax.Array, name: str) -> jax.Array:
+    """The key an NNX stream called `name` is reseeded with in a forward of key `key`: streams of
+    different names draw different bits."""
+    return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def as_stage(module: Any, **settings) -> Stage:
+    """The stage of a flax.linen or a flax.nnx module; a ValueError for anything else."""
+    if isinstance(module, nn.Module):
+        return Stage(module, **settings)
+    if isinstance(module, nnx.Module):
+        return NnxStage.of(module, **settings)
+    raise ValueError(f"a stage must be a flax.linen.Module or a flax.nnx.Module, got {type(module).__name__}")
 
 
 def cast_floating(tree: PyTree, dtype: Any) -> PyTree:
@@ -66,19 +175,20 @@ def join_variables(params: PyTree, model_state: dict) -> dict:
     return {"params": params, **model_state}
 
 
-def forward(stage: Stage, params: PyTree, model_state: dict, x: jax.Array) -> tuple[jax.Array, dict]:
-    """Training forward of one stage (one replica's shard)."""
-    return stage.apply(params, model_state, x, train=True)
+def forward(stage: Stage, params: PyTree, model_state: dict, x: jax.Array,
+            key: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Training forward of one stage (one replica's shard), its randomness drawn from `key`."""
+    return stage.apply(params, model_state, x, train=True, key=key)
 
 
 def last_stage_grads(
     stage: Stage, loss_fn: LossFn, params: PyTree, model_state: dict, x: jax.Array, labels: jax.Array,
-    input_grad: bool,
+    input_grad: bool, key: jax.Array | None = None,
 ) -> tuple[jax.Array, dict, PyTree, jax.Array | None]:
     """The last stage's forward, loss and gradients at once: (loss, new state, dparams, dinput)."""
 
     def loss_of(p, inputs):
-        logits, new_state = stage.apply(p, model_state, inputs, train=True)
+        logits, new_state = stage.apply(p, model_state, inputs, train=True, key=key)
         return float32_loss(loss_fn, logits, labels), new_state
 
     if input_grad:
@@ -97,14 +207,15 @@ def float32_loss(loss_fn: LossFn, logits: jax.Array, labels: jax.Array) -> jax.A
 
 
 def delayed_grads(
-    stage: Stage, params: PyTree, model_state: dict, x: jax.Array, output_grad: jax.Array, input_grad: bool
+    stage: Stage, params: PyTree, model_state: dict, x: jax.Array, output_grad: jax.Array, input_grad: bool,
+    key: jax.Array | None = None,
 ) -> tuple[PyTree, jax.Array | None, dict]:
     """Backpropagate `output_grad` through the forward that ran on `x` with `params`, `model_state`
-    (the ones stashed when that forward ran), running it again: (dparams, dinput or None, the
-    model state that forward returns)."""
+    (the ones stashed when that forward ran) and `key`, running it again: (dparams, dinput or None,
+    the model state that forward returns)."""
 
     def out_of(p, inputs):
-        return stage.apply(p, model_state, inputs, train=True)
+        return stage.apply(p, model_state, inputs, train=True, key=key)
 
     if input_grad:
         _, vjp, new_state = jax.vjp(out_of, params, x, has_aux=True)
@@ -115,14 +226,17 @@ def delayed_grads(
 
 
 def backprop_grads(
-    stages: Sequence[Stage], loss_fn: LossFn, params: list, model_states: list, x: jax.Array, labels: jax.Array
+    stages: Sequence[Stage], loss_fn: LossFn, params: list, model_states: list, x: jax.Array, labels: jax.Array,
+    keys: Sequence[jax.Array | None] | None = None,
 ) -> tuple[jax.Array, list, list]:
-    """Synchronous backprop through all stages back to back: (loss, new states, dparams per stage)."""
+    """Synchronous backprop through all stages back to back: (loss, new states, dparams per stage);
+    `keys`: each stage's forward key."""
+    keys = keys or [None] * len(stages)
 
     def loss_of(all_params):
         h, new_states = x, []
-        for stage, p, s in zip(stages, all_params, model_states):
-            h, new_state = stage.apply(p, s, h, train=True)
+        for stage, p, s, key in zip(stages, all_params, model_states, keys):
+            h, new_state = stage.apply(p, s, h, train=True, key=key)
             new_states.append(new_state)
         return float32_loss(loss_fn, h, labels), new_states
 
@@ -221,26 +335,36 @@ def predict_stages(stages: Sequence[Stage], variables: Sequence[dict], x: jax.Ar
 
 
 def trace_shapes(
-    stages: Sequence[Stage], variables: Sequence[dict], x: jax.ShapeDtypeStruct
-) -> list[jax.ShapeDtypeStruct]:
-    """Shape of each stage's input and of the final output (K+1 entries), checking that each
-    stage accepts what the previous one gives; a mismatch is a ValueError naming the stage."""
+    stages: Sequence[Stage], variables: Sequence[dict], x: jax.ShapeDtypeStruct, what: str = "stage",
+    first: int = 0,
+) -> list[PyTree]:
+    """Shape of each stage's input and of the final output (K+1 entries; a boundary may be a pytree
+    of shapes), checking that each stage accepts what the previous one gives; a mismatch is a
+    ValueError naming the stage (or block: `what`; numbered from `first`) and the shapes."""
     shapes = [x]
-    for k, (stage, v) in enumerate(zip(stages, variables)):
+    for k, (stage, v) in enumerate(zip(stages, variables), start=first):
         params, state = split_variables(v)
+        run = lambda p, s, h: stage.apply(p, s, h, train=True, key=stage.forward_key(0, 0))[0]
         try:
-            out = jax.eval_shape(lambda p, s, h: stage.apply(p, s, h, train=True)[0], params, state, shapes[-1])
+            out = jax.eval_shape(run, params, state, shapes[-1])
         except Exception as err:  # flax/XLA shape errors come in many types
-            source = "the input batch" if k == 0 else f"stage {k - 1}"
+            source = "the input batch" if k == 0 else f"{what} {k - 1}"
             raise ValueError(
-                f"stage {k} ({type(stage.module).__name__}) cannot take the output of {source}: "
-                f"got shape {tuple(shapes[-1].shape)} {shapes[-1].dtype}, but {_expected_input(params)}"
+                f"{what} {k} ({type(stage.module).__name__}) cannot take the output of {source}: "
+                f"got {describe_shape(shapes[-1])}, but {_expected_input(params)}"
                 f" ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
             ) from None
-        if not isinstance(out, jax.ShapeDtypeStruct):
-            raise ValueError(f"stage {k} must return one array, got {jax.tree.structure(out)}")
         shapes.append(out)
     return shapes
+
+
+def describe_shape(shape: PyTree) -> str:
+    """"shape (8, 32) float32", or each leaf's for a pytree."""
+    if isinstance(shape, jax.ShapeDtypeStruct):
+        return f"shape {tuple(shape.shape)} {shape.dtype}"
+    leaves = jax.tree_util.tree_leaves_with_path(shape)
+    return "a pytree of " + ", ".join(f"{jax.tree_util.keystr(path)}: {tuple(leaf.shape)} {leaf.dtype}"
+                                      for path, leaf in leaves)
 
 
 def _expected_input(params: PyTree) -> str:
@@ -254,7 +378,7 @@ def _expected_input(params: PyTree) -> str:
 
 
 def _first_kernel(tree: PyTree):
-    if not isinstance(tree, dict):
+    if not isinstance(tree, Mapping):
         return None
     if "kernel" in tree and hasattr(tree["kernel"], "ndim"):
         return tree["kernel"]

@@ -8,6 +8,7 @@ from functools import partial
 from typing import Any, Sequence
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,8 @@ from fdbp_jax import distributed, engines
 from fdbp_jax.delays import DelayModel
 from fdbp_jax.engines import STASH_MODES, Engine, EngineOptions
 from fdbp_jax.mesh import check_mesh, num_devices
-from fdbp_jax.stages import LossFn, Stage, float32_loss, trace_shapes
+from fdbp_jax.boundaries import is_array, pack_boundaries
+from fdbp_jax.stages import LossFn, NnxStage, as_stage, describe_shape, float32_loss, trace_shapes
 
 ALGORITHMS = tuple(engines.ALGORITHMS)
 # compute dtype -> what the stages cast parameters and inputs to (None: leave them float32)
@@ -42,11 +44,15 @@ class Trainer:
     activations, messages between stages and compute in bfloat16; parameters, gradients, optimizer
     and BatchNorm state stay float32. In a run of several processes, `step` and `predict` also take
     just this process's rows of the global batch (`local_rows`), so no process reads the whole batch.
+    Stages are flax.nnx modules (trained from the weights they hold) or flax.linen ones (initialised
+    from `init`'s key), mixed as you like; a stage boundary may be a pytree of arrays. Dropout draws
+    from a key per forward, from ``dropout_seed``, the stage, the batch and the replica
+    (`stages.Stage.forward_key`).
     """
 
     def __init__(
         self,
-        stages: Sequence[nn.Module],
+        stages: Sequence[nn.Module | nnx.Module],
         loss_fn: LossFn,
         optimizer: optax.GradientTransformation | Sequence[optax.GradientTransformation],
         mesh: Mesh | None = None,
@@ -58,10 +64,13 @@ class Trainer:
         delays: DelayModel | None = None,
         compute_dtype: str = "float32",
         microbatches: int = 1,
+        dropout_seed: int = 0,
     ):
         stages = list(stages)
-        if not stages or not all(isinstance(s, nn.Module) for s in stages):
-            raise ValueError("stages must be a non-empty list of flax.linen Modules, one per pipeline stage")
+        if not stages or not all(isinstance(s, (nn.Module, nnx.Module)) for s in stages):
+            raise ValueError(
+                "stages must be a non-empty list of flax.nnx or flax.linen Modules, one per pipeline stage"
+            )
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm={algorithm!r} is not known: use one of {ALGORITHMS}")
         if not isinstance(shrink, (int, float)) or not 0.0 < shrink <= 1.0:
@@ -89,7 +98,10 @@ class Trainer:
         if compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype={compute_dtype!r} is not known: use one of {tuple(COMPUTE_DTYPES)}")
         self.compute_dtype = compute_dtype
-        self.stages = [Stage(m, COMPUTE_DTYPES[compute_dtype]) for m in stages]
+        if not isinstance(dropout_seed, int):
+            raise ValueError(f"dropout_seed={dropout_seed!r} must be an integer")
+        self.stages = [as_stage(m, compute_dtype=COMPUTE_DTYPES[compute_dtype], index=k, seed=dropout_seed)
+                       for k, m in enumerate(stages)]
         optimizers = [optimizer] * len(stages) if isinstance(optimizer, optax.GradientTransformation) else list(optimizer)
         if len(optimizers) != len(stages) or not all(isinstance(o, optax.GradientTransformation) for o in optimizers):
             raise ValueError(
@@ -107,7 +119,8 @@ class Trainer:
             self.replicas = replicas or 1
         options = EngineOptions(mesh=mesh, replicas=self.replicas, shrink=float(shrink), stash=stash,
                                 skip_nonfinite=skip_nonfinite, delays=delays, microbatches=microbatches)
-        self.engine: Engine = spec.build(self.stages, loss_fn, optimizers, options)
+        self._build = partial(spec.build, loss_fn=loss_fn, optimizers=optimizers, o=options)
+        self.engine: Engine = self._build(self.stages)
         self._batch: tuple | None = None
 
     @property
@@ -118,17 +131,25 @@ class Trainer:
         self, rng: jax.Array, example_x: Any, variables: Sequence[dict] | None = None, example_y: Any = None
     ):
         """State at tick 0. `example_x` is one global batch (its size is fixed from now on);
-        `variables` (K flax variable dicts) replaces random init; `example_y` sets the label shape
-        and dtype (default: integer class labels, one per example)."""
+        `variables` (K entries: a flax variable dict for a linen stage, an `nnx.State` for an NNX one)
+        replaces the initial weights (linen: random from `rng`; NNX: the ones the module holds);
+        `example_y` sets the label shape and dtype (default: integer class labels, one per example)."""
         example_x = jnp.asarray(example_x)
         example_y = jnp.zeros(example_x.shape[:1], jnp.int32) if example_y is None else jnp.asarray(example_y)
         self._check_batch(example_x, example_y, "example_x")
         local = lambda a: jax.ShapeDtypeStruct((a.shape[0] // self.replicas, *a.shape[1:]), a.dtype)
         if variables is None:
-            variables = self._random_variables(rng, local(example_x))
+            variables = self._initial_variables(rng, local(example_x))
         elif len(variables) != self.num_stages:
             raise ValueError(f"variables has {len(variables)} entries but there are {self.num_stages} stages")
+        else:
+            variables = [stage.engine_variables(v) for stage, v in zip(self.stages, variables)]
         shapes = trace_shapes(self.stages, variables, local(example_x))
+        if not is_array(shapes[-1]):
+            raise ValueError(f"the last stage must return one array of logits, got {describe_shape(shapes[-1])}")
+        if not all(map(is_array, shapes[1:-1])):  # pytree boundaries: packed, and the engine built for them
+            self.stages, shapes = pack_boundaries(self.stages, shapes)
+            self.engine = self._build(self.stages)
         self._check_loss(shapes[-1], local(example_y))
         self._batch = (example_x.shape, example_x.dtype, example_y.shape, example_y.dtype)
         return self.engine.init(variables, shapes, local(example_y))
@@ -174,9 +195,10 @@ class Trainer:
         sharding = self.engine.batch_sharding
         return tuple(distributed.from_local_rows(np.asarray(a), sharding, batch) for a in arrays)
 
-    def stage_variables(self, state) -> list[dict]:
-        """The K stages' flax variable dicts (same structure as init), as host arrays."""
-        return self.engine.stage_variables(state)
+    def stage_variables(self, state) -> list:
+        """The K stages' variables as host arrays, in the form `init` takes: a flax variable dict for a
+        linen stage, an `nnx.State` for an NNX one (`nnx.update(module, state)` loads it)."""
+        return [stage.public_variables(v) for stage, v in zip(self.stages, self.engine.stage_variables(state))]
 
     def predict(self, state, x, batch: int | None = None) -> jax.Array:
         """Logits of a full forward with the current weights, in inference mode. With several
@@ -201,18 +223,20 @@ class Trainer:
         if y.shape[:1] != x.shape[:1]:
             raise ValueError(f"labels have batch {y.shape[:1]} but inputs have {x.shape[:1]}")
 
-    def _random_variables(self, rng: jax.Array, x: jax.ShapeDtypeStruct) -> list[dict]:
+    def _initial_variables(self, rng: jax.Array, x: jax.ShapeDtypeStruct) -> list[dict]:
+        """Random linen variables from `rng`; NNX stages start from the weights their modules hold."""
         variables, h = [], x
         for k, (stage, key) in enumerate(zip(self.stages, jax.random.split(rng, self.num_stages))):
             try:
-                v = jax.jit(stage.init)(key, jnp.zeros(h.shape, h.dtype))
+                init = stage.init if isinstance(stage, NnxStage) else jax.jit(stage.init)
+                v = init(key, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), h))
             except Exception as err:
                 raise ValueError(
-                    f"stage {k} ({type(stage.module).__name__}) cannot be initialised on input shape "
-                    f"{tuple(h.shape)} {h.dtype}: {type(err).__name__}: {str(err).splitlines()[0]}"
+                    f"stage {k} ({type(stage.module).__name__}) cannot be initialised on input "
+                    f"{describe_shape(h)}: {type(err).__name__}: {str(err).splitlines()[0]}"
                 ) from None
             variables.append(v)
-            h = trace_shapes([stage], [v], h)[-1]
+            h = trace_shapes([stage], [v], h, first=k)[-1]
         return variables
 
     def _check_loss(self, logits: jax.ShapeDtypeStruct, labels: jax.ShapeDtypeStruct) -> None:

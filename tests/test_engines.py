@@ -35,10 +35,12 @@ class Setup:
     microbatches: int = 1
     stochastic: bool = False
     stash: str = "recompute"
+    nnx: bool = False  # the same network as flax.nnx stages
 
     def trainer(self, batch_norm: bool = False) -> fj.Trainer:
+        stages = toy.nnx_conv_stages(batch_norm) if self.nnx else toy.conv_stages(K, batch_norm)
         return fj.Trainer(
-            toy.conv_stages(K, batch_norm), toy.cross_entropy, optax.sgd(0.05, momentum=0.9),
+            stages, toy.cross_entropy, optax.sgd(0.05, momentum=0.9),
             mesh=None if self.mesh is None else fj.make_mesh(*self.mesh), algorithm=self.algorithm,
             replicas=self.replicas, microbatches=self.microbatches, stash=self.stash,
             delays=fj.DelayModel(K) if self.stochastic else None,
@@ -57,6 +59,9 @@ CASES = {
     "1f1b emulator": (Setup("1f1b", replicas=N, microbatches=M), Setup("bp", replicas=N)),
     "1f1b mesh": (Setup("1f1b", mesh=(N, K), microbatches=M), Setup("bp", replicas=N)),
 }
+
+# every engine again with flax.nnx stages, against its reference with nnx stages
+CASES.update({f"{name} nnx": tuple(dataclasses.replace(s, nnx=True) for s in pair) for name, pair in list(CASES.items())})
 
 
 @functools.lru_cache(maxsize=None)

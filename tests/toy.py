@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 
 class ConvStage(nn.Module):
@@ -86,6 +87,42 @@ def conv_stages(num_stages: int, batch_norm: bool = False) -> list[nn.Module]:
     if num_stages == 1:
         return [WholeNet(batch_norm)]
     raise ValueError(f"no toy split into {num_stages} stages")
+
+
+class NnxConvStage(nnx.Module):
+    """ConvStage in flax.nnx (optionally with dropout)."""
+
+    def __init__(self, in_features: int, features: int, stride: int = 1, batch_norm: bool = False,
+                 dropout: float = 0.0, *, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(in_features, features, (3, 3), strides=stride, use_bias=not batch_norm, rngs=rngs)
+        self.norm = nnx.BatchNorm(features, momentum=0.8, rngs=rngs) if batch_norm else None
+        self.drop = nnx.Dropout(dropout, rngs=rngs) if dropout else None
+
+    def __call__(self, x):
+        x = self.conv(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        x = nnx.relu(x)
+        return x if self.drop is None else self.drop(x)
+
+
+class NnxFlattenDense(nnx.Module):
+    def __init__(self, in_features: int, features: int, *, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(in_features, features, rngs=rngs)
+
+    def __call__(self, x):
+        return nnx.tanh(self.dense(x.reshape(x.shape[0], -1)))
+
+
+def nnx_conv_stages(batch_norm: bool = False, dropout: float = 0.0, seed: int = 0) -> list[nnx.Module]:
+    """conv_stages(4) in flax.nnx, on 8x8x3 inputs; created initialised from `seed`."""
+    rngs = nnx.Rngs(seed)
+    return [
+        NnxConvStage(3, 4, batch_norm=batch_norm, dropout=dropout, rngs=rngs),
+        NnxConvStage(4, 8, 2, batch_norm=batch_norm, rngs=rngs),
+        NnxFlattenDense(4 * 4 * 8, 16, rngs=rngs),
+        nnx.Linear(16, 10, rngs=rngs),
+    ]
 
 
 def batches(ticks: int, batch: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -118,17 +118,18 @@ class Backprop:
     def _predict_fn(self, params, model_state, x):
         return predict_stages(self.stages, [join_variables(p, s) for p, s in zip(params, model_state)], x)
 
-    def _grads(self, state: BackpropState, x, y):
-        return backprop_grads(self.stages, self.loss_fn, state.params, state.model_state, x, y)
+    def _grads(self, state: BackpropState, x, y, replica):
+        keys = [stage.forward_key(state.tick, replica) for stage in self.stages]
+        return backprop_grads(self.stages, self.loss_fn, state.params, state.model_state, x, y, keys)
 
     def _emulated_step(self, state: BackpropState, x, y):
-        loss, model_state, grads = jax.vmap(self._grads, in_axes=(None, 0, 0))(
-            state, split_replicas(x, self.replicas), split_replicas(y, self.replicas)
+        loss, model_state, grads = jax.vmap(self._grads, in_axes=(None, 0, 0, 0))(
+            state, split_replicas(x, self.replicas), split_replicas(y, self.replicas), jnp.arange(self.replicas)
         )
         return self._update(state, *replica_mean((loss, grads)), replica_state(model_state))
 
     def _replica_step(self, state: BackpropState, x, y):
-        loss, model_state, grads = self._grads(state, x, y)
+        loss, model_state, grads = self._grads(state, x, y, jax.lax.axis_index(MESH_AXES))
         model_state = replica_state_mean(model_state, lambda a: jax.lax.pmean(a, MESH_AXES), lambda a: a)
         return self._update(state, *jax.lax.pmean((loss, grads), MESH_AXES), model_state)
 

@@ -98,20 +98,22 @@ class Emulator(SingleDeviceEngine):
         new = dict(params=[], model_state=[], opt_state=[], stash_inputs=[], stash_params=[], stash_model_state=[])
         act_msgs, label_msgs, grad_msgs = [None] * (K - 1), [None] * (K - 1), [None] * (K - 1)
         loss, nonfinite = jnp.nan, []
+        replicas = jnp.arange(self.replicas)  # each forward's key: its batch, stage and replica
         for k, stage in enumerate(self.stages):
             params, model_state = state.params[k], state.model_state[k]
             x_in = split_replicas(x, self.replicas) if k == 0 else state.act_msgs[k - 1]
             labels = split_replicas(y, self.replicas) if k == 0 else state.label_msgs[k - 1]
             if k == K - 1:
-                fn = lambda p, s, h, l: last_stage_grads(stage, self.loss_fn, p, s, h, l, input_grad=k > 0)
-                losses, fwd_state, grads, input_grads = shared_weights(fn, 2)(
-                    params, model_state, x_in, labels
+                fn = lambda p, s, h, l, r: last_stage_grads(stage, self.loss_fn, p, s, h, l, input_grad=k > 0,
+                                                            key=stage.forward_key(schedule.forward_batch(t, k), r))
+                losses, fwd_state, grads, input_grads = shared_weights(fn, 3)(
+                    params, model_state, x_in, labels, replicas
                 )
                 loss = jnp.where(schedule.loss_is_valid(t, K), jnp.mean(losses), jnp.nan)
             else:
-                outputs, fwd_state = shared_weights(lambda p, s, h: forward(stage, p, s, h), 1)(
-                    params, model_state, x_in
-                )
+                outputs, fwd_state = shared_weights(
+                    lambda p, s, h, r: forward(stage, p, s, h, stage.forward_key(schedule.forward_batch(t, k), r)), 2
+                )(params, model_state, x_in, replicas)
                 act_msgs[k], label_msgs[k] = outputs, labels
                 slot = schedule.stash_slot(t, k, K)
                 back_slot = schedule.stash_slot(t - schedule.stage_delay(k, K), k, K)
@@ -121,9 +123,11 @@ class Emulator(SingleDeviceEngine):
                 used_params = jax.tree.map(lambda r: r[back_slot], stash_params)
                 used_state = jax.tree.map(lambda r: r[back_slot], stash_state)
                 output_grads = self.shrink * state.grad_msgs[k]
-                fn = lambda p, s, h, g: delayed_grads(stage, p, s, h, g, input_grad=k > 0)
-                grads, input_grads, _ = shared_weights(fn, 2)(
-                    used_params, used_state, stash_inputs[back_slot], output_grads
+                back_batch = schedule.backward_batch(t, k, K)  # the batch of the forward it backpropagates
+                fn = lambda p, s, h, g, r: delayed_grads(stage, p, s, h, g, input_grad=k > 0,
+                                                         key=stage.forward_key(back_batch, r))
+                grads, input_grads, _ = shared_weights(fn, 3)(
+                    used_params, used_state, stash_inputs[back_slot], output_grads, replicas
                 )
                 new["stash_inputs"].append(stash_inputs)
                 new["stash_params"].append(stash_params)

@@ -142,11 +142,12 @@ class MeshEngine(StagedMeshEngine):
         """What stage k keeps of one forward (per replica): the VJP residuals, or the input."""
         if self.stash == "recompute":
             return [x]
-        return jax.tree.leaves(self._forward_with_pullback(k, params, model_state, x)[1])
+        key = self.stages[k].forward_key(0, 0)
+        return jax.tree.leaves(self._forward_with_pullback(k, params, model_state, x, key)[1])
 
-    def _forward_with_pullback(self, k, params, model_state, x):
+    def _forward_with_pullback(self, k, params, model_state, x, key):
         """Stage k's training forward and its pullback (w.r.t. params, and the input unless k = 0)."""
-        run = lambda p, h: self.stages[k].apply(p, model_state, h, train=True)
+        run = lambda p, h: self.stages[k].apply(p, model_state, h, train=True, key=key)
         if k == 0:
             return jax.vjp(lambda p: run(p, x), params, has_aux=True)
         return jax.vjp(run, params, x, has_aux=True)
@@ -183,7 +184,7 @@ class MeshEngine(StagedMeshEngine):
         act_out, labels_out, grad_out, stash_entry, grads, fwd_state, loss = stage_switch(
             self.mesh, [partial(self._stage_work, k) for k in range(K)]
         )(
-            stage_index,
+            stage_index, t, jax.lax.axis_index("data"),
             params, model_state, x, y, state.act_msg[0, 0], state.label_msg[0, 0], state.grad_msg[0, 0],
             row(stash, back_slot), row(stash_params, back_slot), row(stash_state, back_slot),
         )
@@ -217,16 +218,18 @@ class MeshEngine(StagedMeshEngine):
         loss = jnp.where(schedule.loss_is_valid(t, K), loss, jnp.nan)
         return new_state, loss, jax.lax.all_gather(nonfinite, "stage"), t
 
-    def _stage_work(self, k, params, model_state, x, y, act_in, labels_in, grad_in, used_entry, used_params, used_state):
-        """Stage k's forward and its gradient this tick (one replica); outputs padded to common shapes."""
+    def _stage_work(self, k, t, replica, params, model_state, x, y, act_in, labels_in, grad_in, used_entry,
+                    used_params, used_state):
+        """Stage k's forward and its gradient at tick t (one replica); outputs padded to common shapes."""
         packed, stage, K = self.packed, self.stages[k], self.num_stages
+        forward_key = stage.forward_key(schedule.forward_batch(t, k), replica)
         params, model_state = packed.params(k, params), packed.model_state(k, model_state)
         x_in = x if k == 0 else packed.from_message(act_in, k)
         labels = y if k == 0 else labels_in
         no_message = packed.no_message(x_in.shape[0])
         if k == K - 1:  # delay 0: loss and gradients at once, nothing to stash
             loss, fwd_state, grads, input_grad = last_stage_grads(
-                stage, self.loss_fn, params, model_state, x_in, labels, input_grad=k > 0
+                stage, self.loss_fn, params, model_state, x_in, labels, input_grad=k > 0, key=forward_key
             )
             act_out, labels_out = no_message, jnp.zeros_like(labels)
             entry = {d: jnp.zeros((width,), d) for d, width in self.stash_sizes.items()}
@@ -234,7 +237,7 @@ class MeshEngine(StagedMeshEngine):
             output_grad = self.shrink * packed.from_message(grad_in, k + 1)
             layout = self.stash_layouts[k]
             if self.stash == "residuals":
-                outputs, pullback, fwd_state = self._forward_with_pullback(k, params, model_state, x_in)
+                outputs, pullback, fwd_state = self._forward_with_pullback(k, params, model_state, x_in, forward_key)
                 leaves, treedef = jax.tree.flatten(pullback)
                 if [(leaf.shape, leaf.dtype) for leaf in leaves] != [(s, np.dtype(d)) for d, _, s in layout.leaves]:
                     raise RuntimeError(f"stage {k}: VJP residuals differ between init and tick tracing")
@@ -243,12 +246,13 @@ class MeshEngine(StagedMeshEngine):
                 cotangents = jax.tree.unflatten(treedef, layout.unpack(used_entry))(output_grad)
                 grads, input_grad = cotangents if k > 0 else (cotangents[0], None)
             else:
-                outputs, fwd_state = forward(stage, params, model_state, x_in)
+                outputs, fwd_state = forward(stage, params, model_state, x_in, forward_key)
                 entry = layout.pack([x_in], self.stash_sizes)
                 (used_input,) = layout.unpack(used_entry)
                 grads, input_grad, _ = delayed_grads(
                     stage, packed.params(k, used_params), packed.model_state(k, used_state),
                     used_input, output_grad, input_grad=k > 0,
+                    key=stage.forward_key(schedule.backward_batch(t, k, K), replica),  # the stashed forward's
                 )
             act_out, labels_out, loss = packed.to_message(outputs), labels, 0.0
         grad_out = no_message if input_grad is None else packed.to_message(input_grad)

@@ -29,6 +29,7 @@ from fdbp_jax.stages import (
     Stage,
     apply_update,
     finish_stage,
+    float32_loss,
     forward,
     replica_mean,
     replica_state,
@@ -108,15 +109,18 @@ class StochasticEmulator(Emulator):
             label_history=[h.at[now].set(v) for h, v in zip(state.label_history, labels)],
         )
         act_msgs, label_msgs, fwd_states, loss = [], [], [], jnp.nan
+        replicas = jnp.arange(self.replicas)
         for k, stage in enumerate(self.stages):
-            run = lambda h, s=stage, p=state.params[k], m=state.model_state[k]: forward(s, p, m, h)
-            outputs, fwd_state = jax.vmap(run)(inputs[k])
+            def run(h, r, s=stage, p=state.params[k], m=state.model_state[k], k=k):
+                return forward(s, p, m, h, s.forward_key(schedule.forward_batch(t, k), r))
+
+            outputs, fwd_state = jax.vmap(run)(inputs[k], replicas)
             fwd_states.append(fwd_state)
             if k < K - 1:
                 act_msgs.append(outputs)
                 label_msgs.append(labels[k])
             else:
-                losses = jax.vmap(self.loss_fn)(outputs, labels[k])
+                losses = jax.vmap(partial(float32_loss, self.loss_fn))(outputs, labels[k])
                 loss = jnp.where(schedule.loss_is_valid(t, K), jnp.mean(losses), jnp.nan)
         delays = self.delay_model(t)
         new = dict(params=[], model_state=[], opt_state=[])
@@ -143,16 +147,17 @@ class StochasticEmulator(Emulator):
         later = [(self.stages[j], when_it_ran(j, "param_history"), when_it_ran(j, "state_history")) for j in range(k + 1, K)]
         own_state = at(history["state_history"][k], forward_tick)
 
-        def loss_of(p, h, labels):
-            h, _ = forward(self.stages[k], p, own_state, h)
+        def loss_of(p, h, labels, replica):
+            h, _ = forward(self.stages[k], p, own_state, h, self.stages[k].forward_key(batch, replica))
             for stage, params, model_state in later:
-                h, _ = forward(stage, params, model_state, h)
-            return self.loss_fn(h, labels)
+                h, _ = forward(stage, params, model_state, h, stage.forward_key(batch, replica))
+            return float32_loss(self.loss_fn, h, labels)
 
-        grads = jax.vmap(jax.grad(loss_of), in_axes=(None, 0, 0))(
+        grads = jax.vmap(jax.grad(loss_of), in_axes=(None, 0, 0, 0))(
             at(history["param_history"][k], forward_tick),
             at(history["input_history"][k], forward_tick),
             at(history["label_history"][k], forward_tick),
+            jnp.arange(self.replicas),
         )
         scale = self.shrink ** (K - 1 - k)
         return jax.tree.map(lambda g: scale * g, replica_mean(grads)), batch >= 0

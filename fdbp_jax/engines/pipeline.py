@@ -97,7 +97,8 @@ class PipelineEmulator(SingleDeviceEngine):
     def _train_step(self, state: PipelineState, x, y):
         K, M = len(self.stages), self.timetable.microbatches
         xs, ys = split_microbatches(x, self.replicas, M), split_microbatches(y, self.replicas, M)
-        on_replicas = partial(jax.vmap, in_axes=(None, None, 0, 0))
+        on_replicas = partial(jax.vmap, in_axes=(None, None, 0, 0, 0))
+        replicas = jnp.arange(self.replicas)
         arrived: dict = {}  # (stage, kind, micro-batch) -> activation (F) or input-gradient (B), per replica
         grads, new_states, losses = [[] for _ in range(K)], [[] for _ in range(K)], []
         for row in self.timetable.ops:
@@ -108,16 +109,19 @@ class PipelineEmulator(SingleDeviceEngine):
                 kind, m = op
                 stage, params, model_state = self.stages[k], state.params[k], state.model_state[k]
                 x_in = xs[:, m] if k == 0 else arrived[(k, FORWARD, m)]
+                key = lambda r: stage.forward_key(state.tick, r, m)  # the same in the forward and its re-run
                 if kind == FORWARD and k < K - 1:
-                    sent[(k + 1, FORWARD, m)] = jax.vmap(lambda h: forward(stage, params, model_state, h)[0])(x_in)
+                    sent[(k + 1, FORWARD, m)] = jax.vmap(
+                        lambda h, r: forward(stage, params, model_state, h, key(r))[0])(x_in, replicas)
                 elif kind == BACKWARD and k == K - 1:
-                    fn = lambda p, s, h, labels: last_stage_grads(stage, self.loss_fn, p, s, h, labels, input_grad=k > 0)
-                    loss, new_state, d_params, d_input = on_replicas(fn)(params, model_state, x_in, ys[:, m])
+                    fn = lambda p, s, h, labels, r: last_stage_grads(stage, self.loss_fn, p, s, h, labels,
+                                                                     input_grad=k > 0, key=key(r))
+                    loss, new_state, d_params, d_input = on_replicas(fn)(params, model_state, x_in, ys[:, m], replicas)
                     losses.append(loss)
                 elif kind == BACKWARD:
-                    fn = lambda p, s, h, g: delayed_grads(stage, p, s, h, g, input_grad=k > 0)
+                    fn = lambda p, s, h, g, r: delayed_grads(stage, p, s, h, g, input_grad=k > 0, key=key(r))
                     d_params, d_input, new_state = on_replicas(fn)(
-                        params, model_state, x_in, arrived[(k, BACKWARD, m)])
+                        params, model_state, x_in, arrived[(k, BACKWARD, m)], replicas)
                 if kind == BACKWARD:
                     grads[k].append(d_params)
                     new_states[k].append(new_state)
@@ -179,6 +183,7 @@ class MeshPipeline(StagedMeshEngine):
                            + [partial(self._backward, k) for k in range(K)])
         zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
         messages = jnp.zeros((depth, b, packed.message_width), packed.message_dtype)  # (depth, b, A)
+        replica = jax.lax.axis_index("data")
         carry = dict(
             activations=messages,  # received activation of micro-batch m in slot m % depth
             output_grads=messages,  # received input-gradient of stage k+1, same slots
@@ -193,7 +198,7 @@ class MeshPipeline(StagedMeshEngine):
             branch = jnp.where(kind == FORWARD_CODE, 1 + stage_index,
                                jnp.where(kind == BACKWARD_CODE, 1 + K + stage_index, 0))
             act_out, grad_out, grads, new_state, loss = run(
-                branch, params, model_state, jax.lax.dynamic_slice_in_dim(x, m * b, b),
+                branch, (state.tick, replica, m), params, model_state, jax.lax.dynamic_slice_in_dim(x, m * b, b),
                 jax.lax.dynamic_slice_in_dim(y, m * b, b), carry["activations"][slot], carry["output_grads"][slot],
                 carry["grads"],
             )
@@ -248,33 +253,34 @@ class MeshPipeline(StagedMeshEngine):
             jnp.asarray(loss, jnp.float32),
         )
 
-    def _idle(self, params, model_state, x, y, activation, output_grad, grads_sum):
+    def _idle(self, key_ids, params, model_state, x, y, activation, output_grad, grads_sum):
         return self._outputs(grads_sum, model_state, x.shape[0])
 
     def _input(self, k, x, activation):
         return x if k == 0 else self.packed.from_message(activation, k)
 
-    def _forward(self, k, params, model_state, x, y, activation, output_grad, grads_sum):
-        """Stage k's forward of a micro-batch: its activation goes to stage k+1. The last stage
-        has nothing to send; its forward runs inside its backward."""
+    def _forward(self, k, key_ids, params, model_state, x, y, activation, output_grad, grads_sum):
+        """Stage k's forward of a micro-batch (`key_ids`: step, replica, micro-batch of its key): its
+        activation goes to stage k+1. The last stage has nothing to send; its forward runs inside its backward."""
         if k == len(self.stages) - 1:
-            return self._idle(params, model_state, x, y, activation, output_grad, grads_sum)
+            return self._idle(key_ids, params, model_state, x, y, activation, output_grad, grads_sum)
         packed = self.packed
         h, _ = forward(self.stages[k], packed.params(k, params), packed.model_state(k, model_state),
-                       self._input(k, x, activation))
+                       self._input(k, x, activation), self.stages[k].forward_key(*key_ids))
         return self._outputs(grads_sum, model_state, x.shape[0], act_out=packed.to_message(h))
 
-    def _backward(self, k, params, model_state, x, y, activation, output_grad, grads_sum):
-        """Stage k's backward of a micro-batch: forward again from its input, then the VJP of the
-        input-gradient stage k+1 sent (the last stage: of its loss)."""
+    def _backward(self, k, key_ids, params, model_state, x, y, activation, output_grad, grads_sum):
+        """Stage k's backward of a micro-batch: forward again from its input (with its forward's key),
+        then the VJP of the input-gradient stage k+1 sent (the last stage: of its loss)."""
         packed, stage, K = self.packed, self.stages[k], len(self.stages)
         p, s, h = packed.params(k, params), packed.model_state(k, model_state), self._input(k, x, activation)
-        loss = 0.0
+        key, loss = stage.forward_key(*key_ids), 0.0
         if k == K - 1:
-            loss, new_state, d_params, d_input = last_stage_grads(stage, self.loss_fn, p, s, h, y, input_grad=k > 0)
+            loss, new_state, d_params, d_input = last_stage_grads(stage, self.loss_fn, p, s, h, y, input_grad=k > 0,
+                                                                  key=key)
         else:
             d_params, d_input, new_state = delayed_grads(stage, p, s, h, packed.from_message(output_grad, k + 1),
-                                                         input_grad=k > 0)
+                                                         input_grad=k > 0, key=key)
         return self._outputs(grads_sum, model_state, x.shape[0],
                              grad_out=None if d_input is None else packed.to_message(d_input),
                              d_params=packed.pack_params(k, d_params), new_state=packed.pack_model_state(k, new_state),
