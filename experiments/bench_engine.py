@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         local = jax.ShapeDtypeStruct((args.batch // 2, 32, 32, 3), jnp.float32)
         flops, _ = partition.block_costs(blocks, local)
         cut = partition.linear_partition(flops, 4)
-        stages = models.split_model(blocks, cut)
+        stages = partition.join_blocks(blocks, cut)
         opt = optax.sgd(0.05, momentum=0.9)
         row = {"boundaries": cut, "balance": partition.balance(flops, cut)}
         runs = {
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
             if K > len(blocks):
                 continue
             cut_k = partition.linear_partition(flops, K)
-            trainer = fj.Trainer(models.split_model(blocks, cut_k), cross_entropy, opt, mesh=fj.make_mesh(1, K))
+            trainer = fj.Trainer(partition.join_blocks(blocks, cut_k), cross_entropy, opt, mesh=fj.make_mesh(1, K))
             state = trainer.init(jax.random.key(0), x)
             stash_growth[K] = per_device_bytes((state.stash, state.stash_params, state.stash_model_state))
         row["stash_bytes_per_device_by_K (N=1)"] = stash_growth

@@ -57,7 +57,7 @@ def precision(model: str, batch: int) -> dict:
     """One FDBP tick on a (2, 4) mesh in float32 and in bfloat16."""
     blocks = models.model_blocks(model)
     flops, _ = partition.block_costs(blocks, jax.ShapeDtypeStruct((batch // 2, 32, 32, 3), np.float32))
-    stages = models.split_model(blocks, partition.linear_partition(flops, 4))
+    stages = partition.join_blocks(blocks, partition.linear_partition(flops, 4))
     x = np.random.default_rng(0).normal(size=(batch, 32, 32, 3)).astype(np.float32)
     y = np.zeros(batch, np.int32)
     rows = {}

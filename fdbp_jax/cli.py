@@ -17,9 +17,7 @@ import jax
 from fdbp_jax import data as data_lib
 from fdbp_jax import distributed
 from fdbp_jax.config import PRESETS, Config, validate
-from fdbp_jax.models import model_blocks
-from fdbp_jax.partition import describe_split
-from fdbp_jax.train import Diverged, LostProcess, choose_boundaries, train_and_evaluate
+from fdbp_jax.train import Diverged, LostProcess, model_split, train_and_evaluate
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_LOST_PROCESS, EXIT_INTERRUPTED = 2, 3, 4, 130
 
@@ -134,9 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fdbp-train: no accelerator, simulating {devices} CPU devices (data={config.data_parallel} x "
                   f"stage={config.stages}) on {os.cpu_count()} cores", flush=True)
         if args.show_split:
-            blocks = model_blocks(config.model)
-            boundaries, costs, params = choose_boundaries(config, blocks, config.batch_size // config.replicas)
-            print(describe_split(blocks, boundaries, costs, params))
+            print(model_split(config))
             return 0
         summary = train_and_evaluate(
             config, args.workdir, args.resume, args.overwrite, show_progress=not args.no_progress

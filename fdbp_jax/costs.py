@@ -144,7 +144,7 @@ def measure_split(
 ) -> None:
     """Add `batch`'s point to every stage's curves of one split (and its update time, once)."""
     shape = input_shape
-    for k, module in enumerate(models.split_model(blocks, split["boundaries"])):
+    for k, module in enumerate(partition.join_blocks(blocks, split["boundaries"])):
         measured = measure_stage(Stage(module), k, num_stages, shape, batch, optimizer, repeats)
         entry = split["stages"][k]
         entry["forward"].append([batch, measured["forward"]])

@@ -122,9 +122,3 @@ def model_blocks(name: str, classes: int = 10) -> list[nn.Module]:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(MODELS)}")
     return MODELS[name](classes)
-
-
-def split_model(blocks: Sequence[nn.Module], boundaries: Sequence[int]) -> list[nn.Module]:
-    """Cut blocks into stages at `boundaries` (indices where stages 1..K-1 start)."""
-    edges = [0, *boundaries, len(blocks)]
-    return [Blocks(tuple(blocks[a:b])) for a, b in zip(edges[:-1], edges[1:])]

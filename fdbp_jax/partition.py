@@ -1,29 +1,113 @@
-"""Cut a block sequence into K contiguous stages that minimise the largest stage cost
-(exact dynamic programme), with block costs from XLA's cost analysis of forward + backward."""
+"""Cut a block sequence (flax.linen or flax.nnx modules, each taking the previous one's output) into K
+contiguous stages that minimise the largest stage cost (exact dynamic programme), with block costs
+from XLA's cost analysis of forward + backward: `split_blocks`, the public entry, and its pieces."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+import functools
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from fdbp_jax.stages import Stage
+from fdbp_jax.models import Blocks
+from fdbp_jax.stages import as_stage, trace_shapes
 
 
-def block_costs(blocks: Sequence[nn.Module], example: jax.ShapeDtypeStruct) -> tuple[list[float], list[int]]:
-    """FLOPs of each block's forward + backward on `example`'s batch, and each block's parameter count."""
+@dataclasses.dataclass
+class Split:
+    """K stages cut from a block sequence, with what the cut was chosen from. ``str(split)`` is the
+    split table: each stage's blocks, parameters and share of FLOPs, and the balance."""
+
+    stages: list  # K modules, for `Trainer(stages=split.stages, ...)`
+    boundaries: list[int]  # the block index where each of stages 1..K-1 starts
+    blocks: tuple
+    example: jax.ShapeDtypeStruct  # one replica's batch, the costs are counted on
+
+    @functools.cached_property
+    def _costs(self) -> tuple[list[float], list[int]]:
+        return block_costs(self.blocks, self.example)
+
+    @property
+    def costs(self) -> list[float]:
+        """Each block's forward + backward FLOPs on the example batch (counted when first asked for)."""
+        return self._costs[0]
+
+    @property
+    def params(self) -> list[int]:
+        """Each block's parameter count."""
+        return self._costs[1]
+
+    @property
+    def balance(self) -> float:
+        return balance(self.costs, self.boundaries)
+
+    def __str__(self) -> str:
+        return describe_split(self.blocks, self.boundaries, self.costs, self.params)
+
+
+def split_blocks(blocks: Sequence[Any], num_stages: int, example_x: Any,
+                 boundaries: Sequence[int] | None = None) -> Split:
+    """Cut `blocks` into `num_stages` stages: at `boundaries` if given (then no FLOPs are counted until
+    the table is asked for), else where the largest stage's FLOPs (forward + backward on `example_x`,
+    one replica's batch: an array or ShapeDtypeStruct) are smallest. Linen blocks become one linen stage
+    per run of blocks; NNX blocks an `nnx.Sequential` (sharing the blocks' variables, so the stage starts
+    from the weights the blocks hold). Blocks that do not chain are a ValueError naming the block."""
+    blocks = tuple(blocks)
+    if not blocks:
+        raise ValueError("split_blocks needs a non-empty sequence of blocks")
+    linen = [isinstance(b, nn.Module) for b in blocks]
+    if not all(linen) and not all(isinstance(b, nnx.Module) for b in blocks):
+        odd = next(i for i, b in enumerate(blocks) if not isinstance(b, nn.Module if linen[0] else nnx.Module))
+        raise ValueError(
+            f"block {odd} ({type(blocks[odd]).__name__}) is not a {'flax.linen' if linen[0] else 'flax.nnx'} Module "
+            f"like block 0: a split takes blocks of one kind (all linen or all nnx)"
+        )
+    example = jax.ShapeDtypeStruct(np.shape(example_x), getattr(example_x, "dtype", np.float32))
+    split = Split([], [], blocks, example)
+    if boundaries is None:
+        boundaries = linear_partition(split.costs, num_stages)  # counting the FLOPs checks the chain too
+    else:
+        check_chain(blocks, example)
+    check_boundaries(boundaries, len(blocks), num_stages)
+    split.stages, split.boundaries = join_blocks(blocks, boundaries), list(boundaries)
+    return split
+
+
+def check_chain(blocks: Sequence[Any], example: jax.ShapeDtypeStruct) -> None:
+    """A ValueError naming the first block that cannot take the previous one's output (shapes only)."""
+    h = example
+    for i, block in enumerate(blocks):
+        stage = as_stage(block)
+        variables = jax.eval_shape(stage.init, jax.random.key(0), h)
+        h = trace_shapes([stage], [variables], h, what="block", first=i)[-1]
+
+
+def join_blocks(blocks: Sequence[Any], boundaries: Sequence[int]) -> list:
+    """Blocks cut at `boundaries` (indices where stages 1..K-1 start), each run of blocks one module."""
+    edges = [0, *boundaries, len(blocks)]
+    runs = [tuple(blocks[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+    return [Blocks(run) if isinstance(run[0], nn.Module) else nnx.Sequential(*run) for run in runs]
+
+
+def block_costs(blocks: Sequence[Any], example: jax.ShapeDtypeStruct) -> tuple[list[float], list[int]]:
+    """FLOPs of each block's forward + backward on `example`'s batch, and each block's parameter count;
+    a ValueError naming the block and the shapes where a block cannot take the previous one's output."""
     costs, params, h = [], [], example
-    for block in blocks:
-        stage = Stage(block)
+    for i, block in enumerate(blocks):
+        stage = as_stage(block)
         variables = jax.eval_shape(stage.init, jax.random.key(0), h)
         state = {name: value for name, value in variables.items() if name != "params"}
+        trace_shapes([stage], [variables], h, what="block", first=i)
+        key = stage.forward_key(0, 0)
 
         def forward_backward(p, s, x):
-            out, vjp = jax.vjp(lambda p_, x_: stage.apply(p_, s, x_, train=True)[0], p, x)
-            return vjp(jnp.ones_like(out))
+            out, vjp = jax.vjp(lambda p_, x_: stage.apply(p_, s, x_, train=True, key=key)[0], p, x)
+            return vjp(jax.tree.map(jnp.ones_like, out))
 
         # counted by XLA:CPU on the lowered HLO, whatever the default backend: compiled GPU code hides
         # convolutions in library calls that report no FLOPs (an H100 cut ResNet-20 into [2, 3, 5]),
@@ -33,7 +117,7 @@ def block_costs(blocks: Sequence[nn.Module], example: jax.ShapeDtypeStruct) -> t
         analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
         costs.append(float(analysis.get("flops", 0.0)))
         params.append(sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(variables["params"])))
-        h = jax.eval_shape(lambda p, s, x: stage.apply(p, s, x, train=True)[0], variables["params"], state, h)
+        h = jax.eval_shape(lambda p, s, x: stage.apply(p, s, x, train=True, key=key)[0], variables["params"], state, h)
     return costs, params
 
 
@@ -85,7 +169,7 @@ def check_boundaries(boundaries: Sequence[int], num_blocks: int, num_stages: int
 
 
 def describe_split(
-    blocks: Sequence[nn.Module], boundaries: Sequence[int], costs: Sequence[float], params: Sequence[int]
+    blocks: Sequence[Any], boundaries: Sequence[int], costs: Sequence[float], params: Sequence[int]
 ) -> str:
     """A table: each stage's blocks, parameter count and share of FLOPs, and the balance."""
     edges = [0, *boundaries, len(blocks)]

@@ -25,9 +25,9 @@ from fdbp_jax.checkpoint import Checkpoints, prepare_workdir
 from fdbp_jax.config import Config, validate
 from fdbp_jax.losses import cross_entropy
 from fdbp_jax.mesh import make_mesh
-from fdbp_jax.models import model_blocks, split_model
+from fdbp_jax.models import model_blocks
 from fdbp_jax.optim import learning_rates, make_optimizer
-from fdbp_jax.partition import block_costs, linear_partition
+from fdbp_jax.partition import Split, split_blocks
 from fdbp_jax.run_log import RunLog
 from fdbp_jax.trainer import Trainer
 
@@ -59,12 +59,11 @@ class Diverged(RuntimeError):
     """Training produced a non-finite gradient (and --skip-nonfinite was not given)."""
 
 
-def choose_boundaries(config: Config, blocks: Sequence, local_batch: int) -> tuple[list[int], list[float], list[int]]:
-    """The configured boundaries, or the cost-balanced ones; with each block's FLOPs and params."""
-    example = jax.ShapeDtypeStruct((local_batch, *data_lib.DATASETS[config.dataset].image_shape), np.float32)
-    costs, params = block_costs(blocks, example)
-    boundaries = list(config.boundaries) if config.boundaries is not None else linear_partition(costs, config.stages)
-    return boundaries, costs, params
+def model_split(config: Config) -> Split:
+    """The configured model cut into --stages stages: at --boundaries, or cost-balanced (`split_blocks`)."""
+    spec = data_lib.DATASETS[config.dataset]
+    example = jax.ShapeDtypeStruct((config.batch_size // config.replicas, *spec.image_shape), np.float32)
+    return split_blocks(model_blocks(config.model, spec.classes), config.stages, example, config.boundaries)
 
 
 def load_datasets(config: Config) -> tuple[data_lib.ArrayDataset, data_lib.ArrayDataset]:
@@ -76,15 +75,14 @@ def load_datasets(config: Config) -> tuple[data_lib.ArrayDataset, data_lib.Array
 
 def build_trainer(config: Config, ticks_per_epoch: int, mesh) -> tuple[Trainer, list[int]]:
     """The model cut into stages, its optimizer(s) and the engine the settings ask for on `mesh`."""
-    blocks = model_blocks(config.model, data_lib.DATASETS[config.dataset].classes)
-    boundaries, _, _ = choose_boundaries(config, blocks, config.batch_size // config.replicas)
+    split = model_split(config)
     trainer = Trainer(
-        split_model(blocks, boundaries), cross_entropy, make_optimizer(config, ticks_per_epoch),
+        split.stages, cross_entropy, make_optimizer(config, ticks_per_epoch),
         mesh=mesh, algorithm=config.algorithm, shrink=config.shrink, skip_nonfinite=config.skip_nonfinite,
         replicas=config.replicas if config.emulate else None, compute_dtype=config.dtype,
         microbatches=config.microbatches,
     )
-    return trainer, boundaries
+    return trainer, split.boundaries
 
 
 @jax.jit

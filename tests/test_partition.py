@@ -2,11 +2,16 @@
 
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+import toy
+from flax import nnx
 
+import fdbp_jax as fj
 from fdbp_jax import models, partition
 
 
@@ -47,7 +52,7 @@ def test_balance():
 def test_model_blocks_and_parameter_counts(name, blocks, params):
     sequence = models.model_blocks(name)
     assert len(sequence) == blocks
-    stages = models.split_model(sequence, [1, blocks - 1])
+    stages = partition.join_blocks(sequence, [1, blocks - 1])
     x = jnp.zeros((2, 32, 32, 3))
     total, h = 0, x
     for stage in stages:
@@ -79,3 +84,33 @@ def test_block_costs_are_counted_on_the_cpu_whatever_the_default_device():
 def test_unknown_model():
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
         models.model_blocks("vgg")
+
+
+def nnx_blocks(width: int = 8) -> list:
+    """Six NNX blocks on 8x8x3 inputs: a stem, four residual-free conv blocks, a head."""
+    rngs = nnx.Rngs(0)
+    convs = [nnx.Conv(3 if i == 0 else width, width, (3, 3), rngs=rngs) for i in range(5)]
+    return [*convs, nnx.Sequential(lambda h: h.mean(axis=(1, 2)), nnx.Linear(width, 10, rngs=rngs))]
+
+
+def test_split_blocks_cuts_nnx_and_linen_blocks_by_cost():
+    example = jax.ShapeDtypeStruct((4, 8, 8, 3), jnp.float32)
+    split = fj.split_blocks(nnx_blocks(), 3, example)
+    assert len(split.stages) == 3 and all(isinstance(s, nnx.Module) for s in split.stages)
+    assert split.boundaries == partition.linear_partition(split.costs, 3) and len(split.costs) == 6
+    assert "balance (mean/max stage FLOPs)" in str(split) and 0 < split.balance <= 1
+    trainer = fj.Trainer(split.stages, toy.cross_entropy, optax.sgd(0.1))
+    x, y = toy.batches(1, batch=4)
+    trainer.init(jax.random.key(0), x[0])  # the stages chain
+    linen = fj.split_blocks(models.model_blocks("cnn"), 2, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32),
+                            boundaries=[2])
+    assert linen.boundaries == [2] and [len(s.blocks) for s in linen.stages] == [2, 4]
+
+
+def test_split_blocks_names_the_block_that_does_not_chain():
+    rngs = nnx.Rngs(0)
+    blocks = [nnx.Conv(3, 8, (3, 3), rngs=rngs), nnx.Conv(4, 8, (3, 3), rngs=rngs)]
+    with pytest.raises(ValueError, match=r"block 1 \(Conv\) cannot take the output of block 0: got shape \(4, 8, 8, 8\)"):
+        fj.split_blocks(blocks, 2, np.zeros((4, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match=r"block 1 \(Dense\) is not a flax.nnx Module like block 0"):
+        fj.split_blocks([blocks[0], nn.Dense(3)], 2, np.zeros((4, 8, 8, 3), np.float32))
