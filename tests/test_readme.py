@@ -18,11 +18,16 @@ def test_ci_runs_the_readme_test_command():
     assert commands[0] in open(os.path.join(ROOT, ".ci", "run")).read()
 
 
-def test_python_example_runs(capsys):
-    example = re.search(r"```python\n(.*?)```", readme(), flags=re.S).group(1)
+def test_python_examples_run(capsys):
+    """The NNX example, then the linen one in the same namespace, as a reader runs them."""
+    nnx_example, linen_example = re.findall(r"```python\n(.*?)```", readme(), flags=re.S)
     namespace: dict = {}
-    exec(compile(example, "README.md", "exec"), namespace)
-    printed = capsys.readouterr().out.split()
-    losses = np.asarray(printed[1::2], dtype=float)
-    assert np.isnan(losses[:3]).all() and np.isfinite(losses[3:]).all()
+    exec(compile(nnx_example, "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert "balance (mean/max stage FLOPs)" in printed
+    losses = np.asarray([line.split()[1] for line in printed.splitlines() if re.fullmatch(r"\d+ \S+", line)],
+                        dtype=float)
+    assert len(losses) == 8 and np.isnan(losses[:3]).all() and np.isfinite(losses[3:]).all()
     assert len(namespace["variables"]) == 4 and namespace["logits"].shape == (16, 10)
+    exec(compile(linen_example, "README.md", "exec"), namespace)
+    assert len(namespace["linen_variables"]) == 4 and "params" in namespace["linen_variables"][0]
