@@ -15,7 +15,7 @@ import os
 import sys
 
 from fdbp_jax.config import PRESETS, Config
-from fdbp_jax.runner import run_grid
+from fdbp_jax.runner import run_grid, script_exit
 
 ints = lambda s: [int(v) for v in s.split(",") if v]
 floats = lambda s: [float(v) for v in s.split(",") if v]
@@ -111,4 +111,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_exit(main, "compare.py"))

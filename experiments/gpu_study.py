@@ -120,7 +120,11 @@ def decode_data(tarball: str, scratch: str, train_examples: int | None, eval_exa
 
     sizes = {}
     for split, examples in (("train", train_examples), ("test", eval_examples)):
-        dataset = data_lib.load_jpeg_tarball(tarball, split, examples)
+        try:
+            dataset = data_lib.load_jpeg_tarball(tarball, split, examples)
+        except data_lib.DatasetUnavailable as err:
+            raise SystemExit(f"gpu_study: {err}: pass --tarball the CIFAR-10 JPEG tarball "
+                             "(../shared/data/cifar10-jpeg-q75.tar.gz)") from None
         np.save(os.path.join(scratch, f"{split}_images.npy"), dataset.images)
         np.save(os.path.join(scratch, f"{split}_labels.npy"), dataset.labels)
         sizes[split] = len(dataset)

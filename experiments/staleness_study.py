@@ -22,7 +22,7 @@ import sys
 import numpy as np
 
 from fdbp_jax.config import Config
-from fdbp_jax.runner import run_grid
+from fdbp_jax.runner import run_grid, script_exit
 
 ints = lambda s: [int(v) for v in s.split(",") if v]
 CONTROL = re.compile(r"p(?P<power>[0-9.]+)w(?P<warmup>[0-9]+)")
@@ -124,4 +124,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_exit(main, "staleness_study.py"))

@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Sequence
+import sys
+from typing import Callable, Sequence
 
 import jax
 
 from fdbp_jax.cli import simulate_devices
 from fdbp_jax.config import Config
+from fdbp_jax.data import DatasetUnavailable
 from fdbp_jax.train import Diverged, load_datasets, train_and_evaluate
 
 
@@ -43,3 +45,13 @@ def run_grid(runs: Sequence[tuple[str, Config]], out: str, datasets=None) -> lis
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
     return results
+
+
+def script_exit(main: Callable[[], int], script: str) -> int:
+    """An experiment script's exit status: `main()`'s, or, where the data can be neither found nor
+    downloaded or a setting is bad, that reason in one line (what is wrong and what to do) and 2."""
+    try:
+        return main()
+    except (DatasetUnavailable, ValueError) as err:
+        print(f"{script}: {err}", file=sys.stderr, flush=True)
+        return 2

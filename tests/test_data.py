@@ -2,6 +2,8 @@
 iterator state, the real TFDS reader and its prepare path, the missing-data error."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -94,6 +96,22 @@ def test_iterator_state_continues_exactly():
 def test_missing_dataset_is_one_clear_error(tmp_path):
     with pytest.raises(data_lib.DatasetUnavailable, match="is not prepared under .* set TFDS_DATA_DIR"):
         data_lib.load_tfds("cifar10", "train", 10, data_dir=str(tmp_path), download=False)
+
+
+@pytest.mark.parametrize("script", ["compare.py", "staleness_study.py"])
+def test_experiment_scripts_without_data_end_in_one_line(tmp_path, script):
+    """The main job's path (experiments/quick.sh runs compare.py) on a machine that can neither find nor
+    download CIFAR-10: one line saying what to do, exit code 2, no traceback."""
+    if data_lib.reachable(data_lib.DATASETS["cifar10"].download_host, timeout_s=2.0) is None:
+        pytest.skip("CIFAR-10's download host is reachable here: the script would download it")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path / "no-data"), "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, os.path.join(root, "experiments", script), "--out", str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{script}: dataset 'cifar10' is not prepared under") and "set TFDS_DATA_DIR" in last
 
 
 def test_unknown_dataset():
