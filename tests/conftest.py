@@ -9,6 +9,9 @@ os.environ["XLA_FLAGS"] = " ".join(
     + ["--xla_force_host_platform_device_count=8"]
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# the tests check numbers, not speed, on programs so small that XLA's optimisation passes cost far more
+# than running them (the suite's compile time roughly halves); the processes the tests start inherit it
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # one compilation cache for the session and the processes it starts: the same programs (a run, its
 # kill and its resumption; the same toy model in many engines) are compiled once
 _CACHE = None  # the session's own cache, removed at the end (one the caller set up is left alone)

@@ -40,13 +40,14 @@ def script(name: str, *args: str, timeout: float = 30) -> subprocess.CompletedPr
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    """One study: budget 60 s, 512 training images, the BP/FDBP pair of the quick CNN, one epoch."""
+    """One study: budget 90 s (it needs ~50 s here), 512 training images, the BP/FDBP pair of the quick CNN,
+    one epoch."""
     folder = tmp_path_factory.mktemp("study")
     tarball = str(folder / "mini.tar.gz")
     tiny_tarball(tarball, 512, 100)
     out = str(folder / "out")
     start = time.time()
-    result = script("gpu_study.py", "--tarball", tarball, "--out", out, "--budget-s", "60", "--train-examples", "512",
+    result = script("gpu_study.py", "--tarball", tarball, "--out", out, "--budget-s", "90", "--train-examples", "512",
                     "--runs", "cnn-bp-lr0.05,cnn-fdbp4-lr0.05", "--epochs", "1", "--concurrency", "2",
                     "--costs-model", "cnn", "--costs-batches", "8", "--costs-stages", "2", "--costs-share", "0.5",
                     timeout=120)
@@ -56,11 +57,11 @@ def study(tmp_path_factory):
 def test_study_runs_within_its_budget_and_leaves_flat_files(study):
     result, seconds, out, tarball = study
     assert result.returncode == 0, result.stdout + result.stderr
-    assert seconds < 60 + 5  # the budget, plus the interpreter's start
+    assert seconds < 90 + 5  # the budget, plus the interpreter's start
     files = sorted(os.listdir(out))
     assert files == ["costs.json", "log.txt", "metrics.jsonl", "study.json"]
     summary = json.load(open(os.path.join(out, "study.json")))
-    assert summary["costs"] == "finished" and summary["wall_s"] <= 60
+    assert summary["costs"] == "finished" and summary["wall_s"] <= 90
     assert summary["provenance"]["data"] == {
         "tarball": "mini.tar.gz", "sha256": summary["provenance"]["data"]["sha256"], "train": 512, "test": 100}
     for name in ("cnn-bp-lr0.05", "cnn-fdbp4-lr0.05"):
