@@ -160,6 +160,13 @@ def stage_switch(mesh: Mesh, branches: Sequence[Callable]) -> Callable:
     return lambda index, *args: jax.lax.switch(index, branches, *args)
 
 
+def stage_metrics(loss: jax.Array, nonfinite: jax.Array, num_stages: int):
+    """(the last stage's loss, every stage's nonfinite flag), replicated on every device so every
+    process can read them: one all_gather along "stage" (each collective costs a latency)."""
+    rows = jax.lax.all_gather(jnp.stack([loss.astype(jnp.float32), nonfinite.astype(jnp.float32)]), "stage")
+    return rows[num_stages - 1, 0], rows[:, 1] > 0
+
+
 def stage_table(values: Sequence, stage_index: jax.Array) -> jax.Array:
     """values[stage_index] for a static per-stage list, read inside shard_map."""
     return jnp.asarray(values)[stage_index]

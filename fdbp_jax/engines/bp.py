@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fdbp_jax.distributed import place, to_host
-from fdbp_jax.engines._flat import pad_to_multiple
+from fdbp_jax.engines._flat import mean_over, pad_to_multiple
 from fdbp_jax.mesh import MESH_AXES, num_devices
 from fdbp_jax.stages import (
     LossFn,
@@ -24,7 +24,6 @@ from fdbp_jax.stages import (
     backprop_grads,
     join_variables,
     predict_stages,
-    replica_state_mean,
     replica_mean,
     replica_state,
     split_replicas,
@@ -130,8 +129,8 @@ class Backprop:
 
     def _replica_step(self, state: BackpropState, x, y):
         loss, model_state, grads = self._grads(state, x, y, jax.lax.axis_index(MESH_AXES))
-        model_state = replica_state_mean(model_state, lambda a: jax.lax.pmean(a, MESH_AXES), lambda a: a)
-        return self._update(state, *jax.lax.pmean((loss, grads), MESH_AXES), model_state)
+        (loss, grads), model_state = mean_over(MESH_AXES, (loss, grads), model_state)
+        return self._update(state, loss, grads, model_state)
 
     def _update(self, state: BackpropState, loss, grads, model_state):
         """Every stage has a forward and a gradient at every step."""

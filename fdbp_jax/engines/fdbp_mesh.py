@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from fdbp_jax import schedule
 from fdbp_jax.distributed import place
-from fdbp_jax.engines._flat import FlatLayout, padded_sizes
+from fdbp_jax.engines._flat import FlatLayout, mean_over, padded_sizes
 from fdbp_jax.engines._mesh_layer import (
     STAGE,
     STAGE_DATA,
@@ -36,6 +36,7 @@ from fdbp_jax.engines._mesh_layer import (
     local_block,
     make_predict,
     shardings,
+    stage_metrics,
     stage_switch,
     stage_table,
     stage_update,
@@ -48,7 +49,6 @@ from fdbp_jax.stages import (
     finish_stage,
     forward,
     last_stage_grads,
-    replica_state_mean,
     split_variables,
 )
 
@@ -188,9 +188,7 @@ class MeshEngine(StagedMeshEngine):
             params, model_state, x, y, state.act_msg[0, 0], state.label_msg[0, 0], state.grad_msg[0, 0],
             row(stash, back_slot), row(stash_params, back_slot), row(stash_state, back_slot),
         )
-        grads = jax.lax.pmean(grads, "data")
-        fwd_state = replica_state_mean(fwd_state, lambda a: jax.lax.pmean(a, "data"), lambda a: a)
-        loss = jax.lax.pmean(loss, "data")
+        (grads, loss), fwd_state = mean_over("data", (grads, loss), fwd_state)
 
         new_params, new_opt_state, new_model_state, nonfinite = finish_stage(
             stage_update(self.packed, self.optimizers, stage_index), params, opt_state, model_state, grads, fwd_state, schedule.has_forward(t, stage_index),
@@ -213,10 +211,8 @@ class MeshEngine(StagedMeshEngine):
         )
         # every per-stage leaf gets back its leading (local size 1) "stage" axis
         new_state = with_stage_axis(new_state.replace(tick=None)).replace(tick=t + 1)
-        # metrics replicated on every device, so every process can read them
-        loss = jax.lax.psum(jnp.where(stage_index == K - 1, loss, 0.0), "stage")
-        loss = jnp.where(schedule.loss_is_valid(t, K), loss, jnp.nan)
-        return new_state, loss, jax.lax.all_gather(nonfinite, "stage"), t
+        loss, nonfinite = stage_metrics(loss, nonfinite, K)
+        return new_state, jnp.where(schedule.loss_is_valid(t, K), loss, jnp.nan), nonfinite, t
 
     def _stage_work(self, k, t, replica, params, model_state, x, y, act_in, labels_in, grad_in, used_entry,
                     used_params, used_state):

@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from fdbp_jax.distributed import place
+from fdbp_jax.engines._flat import mean_over
 from fdbp_jax.engines._mesh_layer import (
     STAGE,
     PackedStages,
@@ -37,6 +38,7 @@ from fdbp_jax.engines._mesh_layer import (
     local_block,
     make_predict,
     shardings,
+    stage_metrics,
     stage_switch,
     stage_update,
     with_stage_axis,
@@ -216,19 +218,18 @@ class MeshPipeline(StagedMeshEngine):
             return carry
 
         carry = jax.lax.fori_loop(0, table.ticks, tick, carry)
-        grads = jax.lax.pmean(jax.tree.map(lambda g: g / M, carry["grads"]), "data")
-        new_state = replica_state_mean(carry["states"], lambda a: jax.lax.pmean(jnp.mean(a, axis=0), "data"),
-                                       lambda a: a[0])
+        micro_mean = replica_state_mean(carry["states"], lambda a: jnp.mean(a, axis=0), lambda a: a[0])
+        (grads, loss), new_state = mean_over("data", (jax.tree.map(lambda g: g / M, carry["grads"]), carry["loss"] / M),
+                                             micro_mean)
         every = jnp.asarray(True)
         new_params, new_opt_state, new_model_state, nonfinite = finish_stage(
             stage_update(packed, self.optimizers, stage_index), params, opt_state, model_state, grads,
             new_state, every, every, self.skip_nonfinite,
         )
-        loss = jax.lax.pmean(carry["loss"] / M, "data")
-        loss = jax.lax.psum(jnp.where(stage_index == K - 1, loss, 0.0), "stage")  # replicated, for every process
+        loss, nonfinite = stage_metrics(loss, nonfinite, K)
         new = PipelineState(tick=state.tick + 1, **with_stage_axis(
             dict(params=new_params, model_state=new_model_state, opt_state=new_opt_state)))
-        return new, loss, jax.lax.all_gather(nonfinite, "stage"), state.tick
+        return new, loss, nonfinite, state.tick
 
     def _receive(self, buffer, sent, t, kinds, micros, sender, kind, pairs):
         """Store what `sender` (a neighbouring stage) sent this tick, if it ran an operation of `kind`."""
