@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import statistics
 import sys
 import time
 from typing import Callable, Sequence
@@ -31,6 +30,7 @@ import numpy as np
 import optax
 
 from fdbp_jax import models, partition
+from fdbp_jax.perf import median_seconds
 from fdbp_jax.stages import Stage, apply_update, backprop_grads, delayed_grads, last_stage_grads, split_variables
 from fdbp_jax.losses import cross_entropy
 
@@ -48,18 +48,6 @@ def provenance() -> dict:
         "python": platform.python_version(), "host": platform.node(), "cpu_count": os.cpu_count(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def median_seconds(fn: Callable, *args, repeats: int = 20, warmup: int = 2) -> float:
-    """Median wall seconds of `fn(*args)` (results awaited) after a compiling call and `warmup` more."""
-    for _ in range(1 + warmup):
-        jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def default_optimizer() -> optax.GradientTransformation:

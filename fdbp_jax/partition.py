@@ -13,9 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from fdbp_jax.models import Blocks
+from fdbp_jax.perf import median_seconds
 from fdbp_jax.stages import as_stage, trace_shapes
+
+
+MEASURES = ("flops", "time")  # what a block's cost is: counted FLOPs, or measured seconds
 
 
 @dataclasses.dataclass
@@ -27,14 +32,15 @@ class Split:
     boundaries: list[int]  # the block index where each of stages 1..K-1 starts
     blocks: tuple
     example: jax.ShapeDtypeStruct  # one replica's batch, the costs are counted on
+    measure: str = "flops"  # what a block's cost is (`MEASURES`)
 
     @functools.cached_property
     def _costs(self) -> tuple[list[float], list[int]]:
-        return block_costs(self.blocks, self.example)
+        return block_costs(self.blocks, self.example, self.measure)
 
     @property
     def costs(self) -> list[float]:
-        """Each block's forward + backward FLOPs on the example batch (counted when first asked for)."""
+        """Each block's cost on the example batch (`measure`; counted when first asked for)."""
         return self._costs[0]
 
     @property
@@ -47,14 +53,16 @@ class Split:
         return balance(self.costs, self.boundaries)
 
     def __str__(self) -> str:
-        return describe_split(self.blocks, self.boundaries, self.costs, self.params)
+        return describe_split(self.blocks, self.boundaries, self.costs, self.params,
+                              "FLOPs" if self.measure == "flops" else "time")
 
 
 def split_blocks(blocks: Sequence[Any], num_stages: int, example_x: Any,
-                 boundaries: Sequence[int] | None = None) -> Split:
-    """Cut `blocks` into `num_stages` stages: at `boundaries` if given (then no FLOPs are counted until
-    the table is asked for), else where the largest stage's FLOPs (forward + backward on `example_x`,
-    one replica's batch: an array or ShapeDtypeStruct) are smallest. Linen blocks become one linen stage
+                 boundaries: Sequence[int] | None = None, measure: str = "flops") -> Split:
+    """Cut `blocks` into `num_stages` stages: at `boundaries` if given (then no cost is counted until
+    the table is asked for), else where the largest stage's cost on `example_x` (one replica's batch:
+    an array or ShapeDtypeStruct) is smallest: its FLOPs, or with ``measure="time"`` its seconds
+    measured on this device (`block_costs`: what balances real workers). Linen blocks become one linen stage
     per run of blocks; NNX blocks an `nnx.Sequential` (sharing the blocks' variables, so the stage starts
     from the weights the blocks hold). Blocks that do not chain are a ValueError naming the block."""
     blocks = tuple(blocks)
@@ -68,7 +76,7 @@ def split_blocks(blocks: Sequence[Any], num_stages: int, example_x: Any,
             f"like block 0: a split takes blocks of one kind (all linen or all nnx)"
         )
     example = jax.ShapeDtypeStruct(np.shape(example_x), getattr(example_x, "dtype", np.float32))
-    split = Split([], [], blocks, example)
+    split = Split([], [], blocks, example, measure)
     if boundaries is None:
         boundaries = linear_partition(split.costs, num_stages)  # counting the FLOPs checks the chain too
     else:
@@ -94,9 +102,15 @@ def join_blocks(blocks: Sequence[Any], boundaries: Sequence[int]) -> list:
     return [Blocks(run) if isinstance(run[0], nn.Module) else nnx.Sequential(*run) for run in runs]
 
 
-def block_costs(blocks: Sequence[Any], example: jax.ShapeDtypeStruct) -> tuple[list[float], list[int]]:
-    """FLOPs of each block's forward + backward on `example`'s batch, and each block's parameter count;
-    a ValueError naming the block and the shapes where a block cannot take the previous one's output."""
+def block_costs(blocks: Sequence[Any], example: jax.ShapeDtypeStruct,
+                measure: str = "flops") -> tuple[list[float], list[int]]:
+    """Each block's cost on `example`'s batch and its parameter count; a ValueError naming the block and
+    the shapes where a block cannot take the previous one's output. The cost (`measure`) is "flops" of
+    forward + backward (counted, the same on every machine), or "time": seconds of forward + backward
+    + forward again (FDBP's recomputing stage) measured on the default device; FLOPs cost unevenly on
+    a CPU (ResNet-20's 16-channel 32x32 convolutions take ~2x the time per FLOP of its 64-channel ones)."""
+    if measure not in MEASURES:
+        raise ValueError(f"measure={measure!r} is not known: use one of {MEASURES}")
     costs, params, h = [], [], example
     for i, block in enumerate(blocks):
         stage = as_stage(block)
@@ -109,15 +123,25 @@ def block_costs(blocks: Sequence[Any], example: jax.ShapeDtypeStruct) -> tuple[l
             out, vjp = jax.vjp(lambda p_, x_: stage.apply(p_, s, x_, train=True, key=key)[0], p, x)
             return vjp(jax.tree.map(jnp.ones_like, out))
 
-        # counted by XLA:CPU on the lowered HLO, whatever the default backend: compiled GPU code hides
-        # convolutions in library calls that report no FLOPs (an H100 cut ResNet-20 into [2, 3, 5]),
-        # and the GPU client gives no analysis of lowered HLO
-        with jax.default_device(jax.devices("cpu")[0]):
-            analysis = jax.jit(forward_backward).lower(variables["params"], state, h).cost_analysis()
-        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-        costs.append(float(analysis.get("flops", 0.0)))
+        if measure == "time":
+            concrete = stage.init(jax.random.key(0), jnp.zeros(h.shape, h.dtype))
+            inputs = jnp.asarray(np.random.default_rng(i).normal(size=h.shape), h.dtype)
+            concrete_state = {name: value for name, value in concrete.items() if name != "params"}
+            run = jax.jit(lambda p, s, x: (forward_backward(p, s, x),
+                                           stage.apply(p, s, x, train=True, key=key)[0]))
+            costs.append(median_seconds(run, concrete["params"], concrete_state, inputs, repeats=5))
+        else:
+            # counted by XLA:CPU on the lowered HLO, whatever the default backend: compiled GPU code hides
+            # convolutions in library calls that report no FLOPs (an H100 cut ResNet-20 into [2, 3, 5]),
+            # and the GPU client gives no analysis of lowered HLO
+            with jax.default_device(jax.devices("cpu")[0]):
+                analysis = jax.jit(forward_backward).lower(variables["params"], state, h).cost_analysis()
+            analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+            costs.append(float(analysis.get("flops", 0.0)))
         params.append(sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(variables["params"])))
         h = jax.eval_shape(lambda p, s, x: stage.apply(p, s, x, train=True, key=key)[0], variables["params"], state, h)
+    if measure == "time" and jax.process_count() > 1:  # every process cuts where process 0 measured
+        costs = [float(c) for c in multihost_utils.broadcast_one_to_all(np.asarray(costs, np.float64))]
     return costs, params
 
 
@@ -169,16 +193,17 @@ def check_boundaries(boundaries: Sequence[int], num_blocks: int, num_stages: int
 
 
 def describe_split(
-    blocks: Sequence[Any], boundaries: Sequence[int], costs: Sequence[float], params: Sequence[int]
+    blocks: Sequence[Any], boundaries: Sequence[int], costs: Sequence[float], params: Sequence[int],
+    unit: str = "FLOPs",
 ) -> str:
-    """A table: each stage's blocks, parameter count and share of FLOPs, and the balance."""
+    """A table: each stage's blocks, parameter count and share of the cost (`unit`), and the balance."""
     edges = [0, *boundaries, len(blocks)]
     total = sum(costs)
-    lines = [f"{'stage':>5}  {'blocks':<10} {'params':>10} {'FLOPs %':>8}  first .. last block"]
+    lines = [f"{'stage':>5}  {'blocks':<10} {'params':>10} {unit + ' %':>8}  first .. last block"]
     for k, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
         names = f"{type(blocks[a]).__name__} .. {type(blocks[b - 1]).__name__}"
         lines.append(
             f"{k:>5}  {f'{a}-{b - 1}':<10} {sum(params[a:b]):>10,} {100 * sum(costs[a:b]) / total:>7.1f}%  {names}"
         )
-    lines.append(f"balance (mean/max stage FLOPs): {balance(costs, boundaries):.3f}")
+    lines.append(f"balance (mean/max stage {unit}): {balance(costs, boundaries):.3f}")
     return "\n".join(lines)

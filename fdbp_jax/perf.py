@@ -18,7 +18,7 @@ import dataclasses
 import json
 import statistics
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 
@@ -175,3 +175,15 @@ def time_steps(trainer: Any, state: Any, x, y, steps: int, warmup: int = 3) -> t
         seconds, state = timed(state)
         samples.append(seconds)
     return first, statistics.median(samples), state
+
+
+def median_seconds(fn: Callable, *args, repeats: int = 20, warmup: int = 2) -> float:
+    """Median wall seconds of `fn(*args)` (results awaited) after a compiling call and `warmup` more."""
+    for _ in range(1 + warmup):
+        jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)

@@ -114,3 +114,14 @@ def test_split_blocks_names_the_block_that_does_not_chain():
         fj.split_blocks(blocks, 2, np.zeros((4, 8, 8, 3), np.float32))
     with pytest.raises(ValueError, match=r"block 1 \(Dense\) is not a flax.nnx Module like block 0"):
         fj.split_blocks([blocks[0], nn.Dense(3)], 2, np.zeros((4, 8, 8, 3), np.float32))
+
+
+def test_split_blocks_can_balance_measured_time():
+    """measure="time": each block's forward + backward + recomputed forward, in seconds on this device."""
+    example = jax.ShapeDtypeStruct((4, 8, 8, 3), jnp.float32)
+    split = fj.split_blocks(nnx_blocks(), 2, example, measure="time")
+    assert split.measure == "time" and all(0 < c < 10 for c in split.costs)
+    assert split.boundaries == partition.linear_partition(split.costs, 2)
+    assert "balance (mean/max stage time)" in str(split)
+    with pytest.raises(ValueError, match="measure='watts' is not known"):
+        fj.split_blocks(nnx_blocks(), 2, example, measure="watts")
