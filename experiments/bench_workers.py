@@ -1,0 +1,219 @@
+"""Speed measured on real parallel workers: P processes, one device each (on CPU each pinned to its own
+core with taskset; on a GPU host one process per GPU), joined by jax.distributed, through the public API.
+
+    python experiments/bench_workers.py [--processes 2] [--model resnet20] [--batch 128] [--steps 10]
+        [--microbatches 4] [--configs bp1,bp,fdbp-recompute,...] [--out runs/workers]
+
+For one model and global batch it times BP on 1 worker (beside an identical independent twin on the
+other worker's core, so both sides of the ratio see the same machine), data-parallel BP on P workers,
+FDBP K=P with every stash, GPipe and 1F1B K=P with each M: median seconds per global batch after
+warm-up, images/s, speedup over 1 worker, and where the time of a step goes on every process (placing
+the input batch, the host's dispatch of the step, the wait for its devices: compute, collectives and
+waiting for peers). With P > 1 it also measures the links it uses: a ppermute of one stage message and
+an all-reduce of the largest stage's gradient between the processes. Writes <out>/workers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = {  # name -> (algorithm, workers: 1 or P, stash, microbatches); K = P for the pipelined ones
+    "bp1": ("bp", 1, "recompute", 1),
+    "bp": ("bp", None, "recompute", 1),
+    "fdbp-recompute": ("fdbp", None, "recompute", 1),
+    "fdbp-residuals": ("fdbp", None, "residuals", 1),
+    "gpipe": ("gpipe", None, "recompute", None),
+    "1f1b": ("1f1b", None, "recompute", None),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def on_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None and os.environ.get("JAX_PLATFORMS", "") not in ("cpu",)
+
+
+def launch(settings: dict, processes: int, worker_ids: list[int]) -> list[dict]:
+    """Start one worker process per id (pinned to core `id`, or given GPU `id`); their JSON results.
+    With `processes` > 1 they are joined by jax.distributed; with 1, each is an independent twin."""
+    port, procs = free_port(), []
+    for rank, worker in enumerate(worker_ids):
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        command = [sys.executable, os.path.abspath(__file__), "--worker",
+                   json.dumps({**settings, "processes": processes, "rank": rank if processes > 1 else 0,
+                               "port": port})]
+        if on_gpu():
+            env["CUDA_VISIBLE_DEVICES"] = str(worker)
+        elif shutil.which("taskset"):
+            command = ["taskset", "-c", str(worker % os.cpu_count()), *command]
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"a worker of {settings['name']} failed ({proc.returncode}): {err[-3000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def run_worker(settings: dict) -> int:
+    """One worker: build the configuration through the public API, time its steps, print JSON."""
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 1)
+    from fdbp_jax import distributed
+
+    if settings["processes"] > 1:
+        distributed.initialize(f"127.0.0.1:{settings['port']}", settings["processes"], settings["rank"])
+    import numpy as np
+    import optax
+
+    import fdbp_jax as fj
+    from fdbp_jax import costs, models
+    from fdbp_jax.losses import cross_entropy
+
+    P, B = jax.device_count(), settings["batch"]
+    algorithm, stash, M = settings["algorithm"], settings["stash"], settings["microbatches"]
+    K = 1 if algorithm == "bp" else P
+    mesh = fj.make_mesh(P, 1) if algorithm == "bp" else fj.make_mesh(1, K)
+    local = B // (P if algorithm == "bp" else 1)
+    split = fj.split_blocks(models.model_blocks(settings["model"]), K, np.zeros((local, 32, 32, 3), np.float32),
+                            settings["boundaries"] if K > 1 else None, measure=settings["measure"])
+    trainer = fj.Trainer(split.stages, cross_entropy, optax.sgd(0.05, momentum=0.9), mesh=mesh,
+                         algorithm=algorithm, stash=stash, microbatches=M)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(B, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, 10, size=B).astype(np.int32)
+    rows = trainer.local_rows(B)
+    x_local, y_local = x[rows.start:rows.stop], y[rows.start:rows.stop]
+    state = trainer.init(jax.random.key(0), x)
+    parts = {"input": [], "dispatch": [], "wait": []}
+    for i in range(settings["warmup"] + settings["steps"]):
+        start = time.perf_counter()
+        batch = trainer.global_batch(B, x_local, y_local)
+        placed = time.perf_counter()
+        state, metrics = trainer.step(state, *batch)
+        dispatched = time.perf_counter()
+        jax.block_until_ready((state, metrics))
+        done = time.perf_counter()
+        if i >= settings["warmup"]:
+            for name, seconds in (("input", placed - start), ("dispatch", dispatched - placed), ("wait", done - dispatched)):
+                parts[name].append(seconds)
+    totals = [sum(p) for p in zip(*parts.values())]
+    result = {"process": jax.process_index(), "seconds_per_step": statistics.median(totals),
+              "parts_ms": {name: 1e3 * statistics.median(v) for name, v in parts.items()},
+              "boundaries": split.boundaries, "steps": settings["steps"]}
+    if P > 1 and settings.get("links"):
+        result["links"] = measure_links(trainer, M)
+    if jax.process_index() == 0:
+        result["provenance"] = costs.provenance()
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def measure_links(trainer, microbatches: int) -> dict:
+    """Between the processes: a ppermute of one stage message (rows of the widest boundary, one
+    micro-batch) and an all-reduce of the largest stage's float32 gradient; median seconds of 20."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from fdbp_jax import perf
+
+    packed, n = trainer.engine.packed, jax.device_count()
+    rows = max(1, packed.in_shapes[0].shape[0] // microbatches)
+    width = packed.message_width
+    params = max(sum(layout.sizes.values()) for layout in packed.param_layouts)
+    mesh = jax.make_mesh((n,), ("link",))
+    pairs = [(i, (i + 1) % n) for i in range(n)]
+    send = jax.jit(jax.shard_map(lambda a: jax.lax.ppermute(a, "link", pairs), mesh=mesh,
+                                 in_specs=P("link"), out_specs=P("link")))
+    reduce = jax.jit(jax.shard_map(lambda a: jax.lax.psum(a, "link"), mesh=mesh, in_specs=P("link"),
+                                   out_specs=P("link")))
+    sharding = NamedSharding(mesh, P("link"))
+    message = jax.make_array_from_callback((n * rows, width), sharding, lambda i: np.ones((rows, width), np.float32))
+    gradient = jax.make_array_from_callback((n, params), sharding, lambda i: np.ones((1, params), np.float32))
+    return {"message_bytes": rows * width * 4, "ppermute_s": perf.median_seconds(send, message),
+            "gradient_bytes": params * 4, "all_reduce_s": perf.median_seconds(reduce, gradient)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--microbatches", default="4", help="comma-separated M values for GPipe and 1F1B")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
+    p.add_argument("--boundaries", type=lambda v: [int(b) for b in v.split(",")],
+                   help="where stages 1..P-1 start (default: split_blocks by --measure)")
+    p.add_argument("--measure", default="time", choices=("time", "flops"),
+                   help="what the split balances: seconds measured on each worker's device, or FLOPs")
+    p.add_argument("--out", default="runs/workers")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return run_worker(json.loads(args.worker))
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        p.error(f"--configs {','.join(unknown)}: not known; use some of {', '.join(CONFIGS)}")
+    if args.processes < 2 or args.batch % (args.processes * max(map(int, args.microbatches.split(",")))):
+        p.error("--processes must be >= 2 and --batch divisible by processes x every --microbatches value")
+    os.makedirs(args.out, exist_ok=True)
+    base = {"model": args.model, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+            "boundaries": args.boundaries, "measure": args.measure}
+    rows, provenance = [], None
+    for name in names:
+        algorithm, workers, stash, micro = CONFIGS[name]
+        for M in ([1] if micro == 1 else list(map(int, args.microbatches.split(",")))):
+            label = name if micro == 1 else f"{name}-M{M}"
+            settings = {**base, "name": label, "algorithm": algorithm, "stash": stash, "microbatches": M,
+                        "links": name == "fdbp-recompute"}
+            if workers == 1:  # the baseline and its twin, side by side, each alone in its process
+                results = launch(settings, 1, list(range(args.processes)))
+            else:
+                results = launch(settings, args.processes, list(range(args.processes)))
+            provenance = provenance or results[0].get("provenance")
+            seconds = results[0]["seconds_per_step"] if workers != 1 else statistics.mean(
+                r["seconds_per_step"] for r in results)
+            row = {"name": label, "algorithm": algorithm, "workers": workers or args.processes, "stash": stash,
+                   "microbatches": M, "seconds_per_step": seconds, "images_per_s": args.batch / seconds,
+                   "per_process": [{k: r[k] for k in ("seconds_per_step", "parts_ms")} for r in results],
+                   "boundaries": results[0]["boundaries"]}
+            if "links" in results[0]:
+                row["links"] = results[0]["links"]
+            rows.append(row)
+            print(f"{label:<18} {1e3 * seconds:8.1f} ms/step {args.batch / seconds:8.1f} images/s", flush=True)
+    baseline = next((r["seconds_per_step"] for r in rows if r["name"] == "bp1"), None)
+    for row in rows:
+        row["speedup_vs_1_worker"] = None if baseline is None else baseline / row["seconds_per_step"]
+    result = {"provenance": {**(provenance or {}), "processes": args.processes, "model": args.model,
+                             "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+                             "boundaries": args.boundaries or f"split_blocks, measure={args.measure}",
+                             "data": "random normal images, fixed seed 0", "pinned": not on_gpu()},
+              "rows": rows}
+    with open(os.path.join(args.out, "workers.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    for row in rows:
+        speedup = row["speedup_vs_1_worker"]
+        print(f"{row['name']:<18} speedup {speedup:.2f}x" if speedup else row["name"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
