@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdbp_jax.stages import averaged_over_replicas
+
 PyTree = Any
 Flat = dict  # dtype name -> 1-D array
 
@@ -96,8 +98,6 @@ def mean_over(axis_name, tree: PyTree, model_state: PyTree = None) -> tuple[PyTr
     it by the one rule of `stages.averaged_over_replicas` (floating leaves averaged, others kept), all
     in one collective per dtype: between processes a collective costs milliseconds of latency whatever
     its size (gloo on CPU: ~4 ms), so a tree of many leaves must not be one all-reduce per leaf."""
-    from fdbp_jax.stages import averaged_over_replicas
-
     state_leaves, state_def = jax.tree.flatten(model_state)
     averaged = [i for i, leaf in enumerate(state_leaves) if averaged_over_replicas(leaf)]
     both = (tree, [state_leaves[i] for i in averaged])
