@@ -29,6 +29,7 @@ CONFIGS = {  # name -> (algorithm, workers: 1 or P, stash, microbatches); K = P 
     "bp1": ("bp", 1, "recompute", 1),
     "bp": ("bp", None, "recompute", 1),
     "fdbp-recompute": ("fdbp", None, "recompute", 1),
+    "fdbp-selective": ("fdbp", None, "selective", 1),
     "fdbp-residuals": ("fdbp", None, "residuals", 1),
     "gpipe": ("gpipe", None, "recompute", None),
     "1f1b": ("1f1b", None, "recompute", None),

@@ -38,7 +38,9 @@ class Trainer:
     over "data"; BP replicates the whole model on every device. With ``mesh=None`` the
     single-device emulator runs the same algorithm, simulating ``replicas`` data-parallel workers. ``stash`` picks what the mesh
     engine keeps of each in-flight forward: its input and weights ("recompute", the default: the
-    forward runs again in the backward) or its VJP residuals ("residuals": no recomputation, more memory).
+    forward runs again in the backward), the outputs of its convolutions and matmuls ("selective": the
+    backward re-runs only the elementwise ops between them) or all its VJP residuals ("residuals": no
+    recomputation, the most memory).
     ``delays`` (a `DelayModel`, emulator only) draws each stage's gradient delay at random per tick
     instead of the fixed 2(K-1-k): FDBP with stochastic staleness. ``compute_dtype="bfloat16"``:
     activations, messages between stages and compute in bfloat16; parameters, gradients, optimizer

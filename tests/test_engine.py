@@ -1,5 +1,7 @@
 """The mesh engine against the single-device emulator, on the same initial variables and batches."""
 
+import re
+
 import jax
 import numpy as np
 import optax
@@ -7,6 +9,7 @@ import pytest
 import toy
 
 import fdbp_jax as fj
+from fdbp_jax.engines import _mesh_layer
 
 OPTIMIZERS = {"sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9), "adam": lambda: optax.adam(1e-3)}
 
@@ -56,6 +59,25 @@ def test_batch_norm_stages_match_emulator(num_stages, stash):
     assert toy.max_relative_error(expected, got) <= 1e-5
     np.testing.assert_allclose(mesh_losses, emu_losses, rtol=1e-5)
     np.testing.assert_allclose(engine.predict(mesh_state, xs[1]), emulator.predict(state, xs[1]), rtol=1e-4, atol=1e-5)
+
+
+CANONICAL_CONV = "[b, 0, 1, f]x[0, 1, i, o]->[b, 0, 1, f]"
+
+
+@pytest.mark.parametrize("stash", fj.engines.STASH_MODES)
+def test_stage_branches_as_accelerators_compile_them_match_emulator(stash, monkeypatch):
+    """Without the CPU-only conv rewrite (`engines/_canonical_conv.py`) the mesh runs the raw `lax.switch`
+    branches a GPU or TPU compiles (non-canonical backward convolutions, slow on CPU, so a tiny model):
+    the same numbers as the emulator, for every stash."""
+    monkeypatch.setattr(_mesh_layer, "canonical_convolutions", lambda branch: branch)
+    (emulator, state, emu_losses), (engine, mesh_state, mesh_losses), _, xs = mesh_and_emulator(
+        2, 2, "sgd_momentum", 1.0, batch_norm=True, ticks=5, stash=stash
+    )
+    x, y = toy.batches(1)
+    layouts = set(re.findall(r"dim_numbers = (\S+)", engine.engine.lower(mesh_state, x[0], y[0]).as_text()))
+    assert layouts - {CANONICAL_CONV}, "the conv rewrite still ran: the raw branches were not tested"
+    assert toy.max_relative_error(emulator.stage_variables(state), engine.stage_variables(mesh_state)) <= 1e-5
+    np.testing.assert_allclose(mesh_losses, emu_losses, rtol=1e-5)
 
 
 @pytest.mark.parametrize("data", [2])

@@ -52,6 +52,7 @@ CASES = {
     "fdbp emulator": (Setup("fdbp", replicas=N), Setup("fdbp", replicas=N, stochastic=True)),
     "fdbp stochastic emulator": (Setup("fdbp", replicas=N, stochastic=True), Setup("fdbp", replicas=N)),
     "fdbp mesh": (Setup("fdbp", mesh=(N, K)), Setup("fdbp", replicas=N)),
+    "fdbp mesh selective stash": (Setup("fdbp", mesh=(N, K), stash="selective"), Setup("fdbp", replicas=N)),
     "bp mesh": (Setup("bp", mesh=(N, K)), Setup("bp", replicas=N * K)),
     "bp emulator": (Setup("bp", replicas=N), Setup("gpipe", replicas=N, microbatches=1)),
     "gpipe emulator": (Setup("gpipe", replicas=N, microbatches=M), Setup("bp", replicas=N)),

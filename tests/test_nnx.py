@@ -171,7 +171,7 @@ class DropoutDense(nn.Module):
 
 def test_dropout_keys_are_the_forwards_own_in_every_engine():
     """With dropout, FDBP K=1 equals BP (the same keys per batch and replica), the recompute stash
-    equals the residual one (a re-run forward draws its own mask again), the mesh equals the
+    equals the residual and selective ones (a re-run forward draws its own mask again), the mesh equals the
     emulator, and dropout really drops (the loss differs from the deterministic network's)."""
     xs, ys = toy.batches(5, batch=8)
 
@@ -186,11 +186,11 @@ def test_dropout_keys_are_the_forwards_own_in_every_engine():
     bp, _ = losses("bp", [_Whole()], replicas=2)
     np.testing.assert_allclose(k1, bp, rtol=1e-6)
     mesh_recompute, v_recompute = losses("fdbp", [DropoutDense(), toy.DenseHead()], mesh=fj.make_mesh(2, 2))
-    mesh_residuals, v_residuals = losses("fdbp", [DropoutDense(), toy.DenseHead()], mesh=fj.make_mesh(2, 2),
-                                         stash="residuals")
     np.testing.assert_allclose(mesh_recompute, fdbp, rtol=1e-5)
-    np.testing.assert_allclose(mesh_residuals, mesh_recompute, rtol=1e-5)
-    assert toy.max_relative_error(v_recompute, v_residuals) <= 1e-5
+    for stash in ("residuals", "selective"):  # "selective" re-runs the dropout from the stashed key's bits
+        mesh_stash, v_stash = losses("fdbp", [DropoutDense(), toy.DenseHead()], mesh=fj.make_mesh(2, 2), stash=stash)
+        np.testing.assert_allclose(mesh_stash, mesh_recompute, rtol=1e-5)
+        assert toy.max_relative_error(v_recompute, v_stash) <= 1e-5
     deterministic, _ = losses("fdbp", [_Whole(rate=0.0)], replicas=2)
     assert np.abs(deterministic - k1).max() > 1e-3
 

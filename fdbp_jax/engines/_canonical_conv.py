@@ -41,6 +41,9 @@ def _evaluate(jaxpr, consts, args) -> list:
         elif eqn.primitive.name in ("pjit", "jit"):  # nested jit: look inside it too
             inner = eqn.params["jaxpr"]
             outputs = _evaluate(inner.jaxpr, inner.consts, inputs)
+        elif eqn.primitive.name in ("checkpoint", "remat2"):  # jax.checkpoint (remat), e.g. the "selective" stash's
+            # re-run forward: inlined, which keeps its numbers (nothing differentiates this trace again)
+            outputs = _evaluate(eqn.params["jaxpr"], [], inputs)
         else:
             with eqn.ctx.manager:
                 result = eqn.primitive.bind(*inputs, **eqn.primitive.get_bind_params(eqn.params))

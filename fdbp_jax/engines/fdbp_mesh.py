@@ -9,7 +9,9 @@ The stash of in-flight forwards stays on device. With ``stash="recompute"`` (def
 forward's input and weights, and the backward re-runs that forward to get its exact VJP (~1/3 more
 compute). With ``stash="residuals"`` it holds the forward's VJP residuals and applies that
 forward's own pullback: no recomputation, but far more memory and copying (measured slower on CPU;
-see docs/performance.md).
+see docs/performance.md). ``stash="selective"`` is in between: the forward runs under
+`jax.checkpoint` with a policy that saves the outputs of convolutions and matmuls, so the stash holds
+those (with the input and weights) and the backward re-runs only the cheap elementwise ops between them.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ from fdbp_jax.stages import (
     split_variables,
 )
 
-STASH_MODES = ("residuals", "recompute")
+STASH_MODES = ("recompute", "selective", "residuals")
+# what "selective" keeps of a forward: the outputs of convolutions and matmuls (the rest is re-run)
+SELECTIVE_POLICY = jax.checkpoint_policies.dots_saveable
 
 
 @flax.struct.dataclass
@@ -147,7 +151,17 @@ class MeshEngine(StagedMeshEngine):
 
     def _forward_with_pullback(self, k, params, model_state, x, key):
         """Stage k's training forward and its pullback (w.r.t. params, and the input unless k = 0)."""
-        run = lambda p, h: self.stages[k].apply(p, model_state, h, train=True, key=key)
+        stage = self.stages[k]
+        if self.stash == "selective":  # the key travels as its raw bits: a re-run forward needs it, and
+            # residuals are packed into arrays of plain dtypes
+            rerun = jax.checkpoint(
+                lambda p, h, bits: stage.apply(p, model_state, h, train=True, key=jax.random.wrap_key_data(bits)),
+                policy=SELECTIVE_POLICY,
+            )
+            key_bits = jax.random.key_data(key)
+            run = lambda p, h: rerun(p, h, key_bits)
+        else:
+            run = lambda p, h: stage.apply(p, model_state, h, train=True, key=key)
         if k == 0:
             return jax.vjp(lambda p: run(p, x), params, has_aux=True)
         return jax.vjp(run, params, x, has_aux=True)
@@ -232,7 +246,7 @@ class MeshEngine(StagedMeshEngine):
         else:
             output_grad = self.shrink * packed.from_message(grad_in, k + 1)
             layout = self.stash_layouts[k]
-            if self.stash == "residuals":
+            if self.stash != "recompute":  # the stashed forward's own pullback, from its residuals
                 outputs, pullback, fwd_state = self._forward_with_pullback(k, params, model_state, x_in, forward_key)
                 leaves, treedef = jax.tree.flatten(pullback)
                 if [(leaf.shape, leaf.dtype) for leaf in leaves] != [(s, np.dtype(d)) for d, _, s in layout.leaves]:
