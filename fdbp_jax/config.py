@@ -8,7 +8,7 @@ from typing import Any
 
 from fdbp_jax.data import DATASETS
 from fdbp_jax.models import MODELS, model_blocks
-from fdbp_jax.engines import ALGORITHMS
+from fdbp_jax.engines import ALGORITHMS, STASH_MODES
 
 SCHEDULES = ("constant", "step", "cosine")
 DTYPES = ("float32", "bfloat16")
@@ -34,6 +34,9 @@ class Config:
                                      "synchronous pipelines gpipe and 1f1b (exactly backprop, see --microbatches)")
     microbatches: int = setting(1, "gpipe / 1f1b: micro-batches per global batch, M (pipeline bubble (K-1)/(M+K-1))")
     shrink: float = setting(1.0, "gradient shrinking factor beta in (0, 1]")
+    stash: str = setting("recompute", "FDBP on a mesh: what each stage keeps of an in-flight forward: recompute "
+                                      "(input and weights; the forward runs again), selective (conv and matmul "
+                                      "outputs) or residuals (all; the most memory); docs/performance.md")
     epochs: int = setting(5, "passes over the training set")
     batch_size: int = setting(128, "global batch per tick")
     lr: float = setting(0.1, "peak learning rate")
@@ -94,7 +97,7 @@ def validate(config: Config) -> None:
     """Raise ValueError naming the first bad setting (flag spelling, value, what is valid)."""
     c = config
     choices = (("model", MODELS), ("dataset", DATASETS), ("algorithm", ALGORITHMS), ("schedule", SCHEDULES),
-               ("dtype", DTYPES))
+               ("dtype", DTYPES), ("stash", STASH_MODES))
     for name, valid in choices:
         if getattr(c, name) not in valid:
             raise ValueError(f"--{name} {getattr(c, name)}: unknown; valid: {', '.join(valid)}")

@@ -80,7 +80,7 @@ def build_trainer(config: Config, ticks_per_epoch: int, mesh) -> tuple[Trainer, 
         split.stages, cross_entropy, make_optimizer(config, ticks_per_epoch),
         mesh=mesh, algorithm=config.algorithm, shrink=config.shrink, skip_nonfinite=config.skip_nonfinite,
         replicas=config.replicas if config.emulate else None, compute_dtype=config.dtype,
-        microbatches=config.microbatches,
+        microbatches=config.microbatches, stash=config.stash,
     )
     return trainer, split.boundaries
 
