@@ -2,7 +2,7 @@
 core with taskset; on a GPU host one process per GPU), joined by jax.distributed, through the public API.
 
     python experiments/bench_workers.py [--processes 2] [--model resnet20] [--batch 128] [--steps 10]
-        [--microbatches 4] [--configs bp1,bp,fdbp-recompute,...] [--out runs/workers]
+        [--microbatches 4] [--configs bp1,bp,fdbp-recompute,...] [--check-model] [--out runs/workers]
 
 For one model and global batch it times BP on 1 worker (beside an identical independent twin on the
 other worker's core, so both sides of the ratio see the same machine), data-parallel BP on P workers,
@@ -10,7 +10,9 @@ FDBP K=P with every stash, GPipe and 1F1B K=P with each M: median seconds per gl
 warm-up, images/s, speedup over 1 worker, and where the time of a step goes on every process (placing
 the input batch, the host's dispatch of the step, the wait for its devices: compute, collectives and
 waiting for peers). With P > 1 it also measures the links it uses: a ppermute of one stage message and
-an all-reduce of the largest stage's gradient between the processes. Writes <out>/workers.json.
+an all-reduce of the largest stage's gradient between the processes. With --check-model it measures
+the speed model's curves on one worker and puts `fdbp_jax.perf`'s prediction of every row beside its
+measurement. Writes <out>/workers.json.
 """
 
 from __future__ import annotations
@@ -151,6 +153,77 @@ def measure_links(trainer, microbatches: int) -> dict:
             "gradient_bytes": params * 4, "all_reduce_s": perf.median_seconds(reduce, gradient)}
 
 
+def run_cost_worker(settings: dict) -> int:
+    """One worker of the speed model's check: the curves `fdbp_jax.perf` predicts from, measured on this
+    one device: the BP step at the global and the per-worker batch, and every stage's tick work (forward,
+    re-run forward and backward, update) of each split at the batches its engines run. Prints JSON."""
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 1)
+    from fdbp_jax import costs, models
+
+    blocks, optimizer, shape = models.model_blocks(settings["model"]), costs.default_optimizer(), (32, 32, 3)
+    result = {"bp_step": [[b, costs.measure_bp_step(blocks, shape, b, optimizer, settings["repeats"])]
+                          for b in settings["bp_batches"]], "splits": {}}
+    for boundaries in settings["splits"]:
+        split = costs.new_split(boundaries)
+        for batch in settings["stage_batches"]:
+            costs.measure_split(split, blocks, len(boundaries) + 1, shape, batch, optimizer, settings["repeats"])
+        result["splits"][",".join(map(str, boundaries))] = split
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def fitted_link(links: dict):
+    """A `perf.Link` through the two measured links: a ppermute of `message_bytes` and a 2-process
+    all-reduce of `gradient_bytes` (the model's ring all-reduce: two transfers of half of it)."""
+    from fdbp_jax import perf
+
+    m, g, ppermute, reduce = links["message_bytes"], links["gradient_bytes"], links["ppermute_s"], links["all_reduce_s"]
+    bandwidth = (m - g / 2) / max(ppermute - reduce / 2, 1e-6)
+    return perf.Link(bandwidth=bandwidth, latency=max((reduce - g / bandwidth) / 2, 0.0))
+
+
+def predicted_seconds(row: dict, measured: dict, link, processes: int, batch: int) -> float | None:
+    """What `fdbp_jax.perf` predicts for one benchmark row from one worker's curves and the fitted link;
+    None where it has no model (the selective and residual stashes: its stage curve re-runs the forward)."""
+    from fdbp_jax import perf
+
+    bp_curve = perf.Curve(tuple(map(tuple, measured["bp_step"])))
+    if row["algorithm"] == "bp":
+        split = next(iter(measured["splits"].values()))
+        param_bytes = 4 * sum(s["param_count"] for s in split["stages"])
+        return perf.bp_step_time(bp_curve, param_bytes, batch, row["workers"], link)
+    if row["algorithm"] == "fdbp" and row["stash"] != "recompute":
+        return None
+    split = measured["splits"][",".join(map(str, row["boundaries"]))]
+    stages = perf.stage_costs({"splits": {str(processes): split}}, processes)
+    if row["algorithm"] == "fdbp":
+        return perf.fdbp_tick_time(stages, batch, 1, link)
+    return perf.pipeline_step_time(stages, batch, 1, row["microbatches"], link)
+
+
+def check_model(rows: list[dict], args) -> dict:
+    """Measure the curves on one worker (beside a twin on the other core: the machine the rows saw),
+    predict every row and put prediction and relative error beside its measurement."""
+    links = next((r["links"] for r in rows if "links" in r), None)
+    if links is None:
+        raise SystemExit("--check-model needs the links, measured in the fdbp-recompute row: add it to --configs")
+    splits = sorted({tuple(r["boundaries"]) for r in rows if r["algorithm"] != "bp"})
+    micro = sorted({r["microbatches"] for r in rows})
+    settings = {"name": "costs", "mode": "costs", "model": args.model, "repeats": 5, "splits": [list(b) for b in splits],
+                "bp_batches": sorted({args.batch, args.batch // args.processes}),
+                "stage_batches": sorted({args.batch // m for m in micro})}
+    twins = launch(settings, 1, list(range(args.processes)))
+    measured = twins[0]  # its twin ran beside it only so that it saw the same machine
+    link = fitted_link(links)
+    for row in rows:
+        predicted = predicted_seconds(row, measured, link, args.processes, args.batch)
+        row["predicted_seconds"] = predicted
+        row["model_error"] = None if predicted is None else (predicted - row["seconds_per_step"]) / row["seconds_per_step"]
+    return {"curves": measured, "twin_curves": twins[1:], "link": {"bandwidth": link.bandwidth, "latency": link.latency}}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--processes", type=int, default=2)
@@ -164,11 +237,14 @@ def main(argv=None) -> int:
                    help="where stages 1..P-1 start (default: split_blocks by --measure)")
     p.add_argument("--measure", default="time", choices=("time", "flops"),
                    help="what the split balances: seconds measured on each worker's device, or FLOPs")
+    p.add_argument("--check-model", action="store_true",
+                   help="also predict every row with fdbp_jax.perf from curves measured on one worker and the links")
     p.add_argument("--out", default="runs/workers")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        return run_worker(json.loads(args.worker))
+        settings = json.loads(args.worker)
+        return run_cost_worker(settings) if settings.get("mode") == "costs" else run_worker(settings)
     names = args.configs.split(",")
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -203,16 +279,18 @@ def main(argv=None) -> int:
     baseline = next((r["seconds_per_step"] for r in rows if r["name"] == "bp1"), None)
     for row in rows:
         row["speedup_vs_1_worker"] = None if baseline is None else baseline / row["seconds_per_step"]
+    model = check_model(rows, args) if args.check_model else None
     result = {"provenance": {**(provenance or {}), "processes": args.processes, "model": args.model,
                              "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
                              "boundaries": args.boundaries or f"split_blocks, measure={args.measure}",
                              "data": "random normal images, fixed seed 0", "pinned": not on_gpu()},
-              "rows": rows}
+              "rows": rows, "model": model}
     with open(os.path.join(args.out, "workers.json"), "w") as f:
         json.dump(result, f, indent=1)
     for row in rows:
-        speedup = row["speedup_vs_1_worker"]
-        print(f"{row['name']:<18} speedup {speedup:.2f}x" if speedup else row["name"])
+        speedup, predicted = row["speedup_vs_1_worker"], row.get("predicted_seconds")
+        print(f"{row['name']:<18} " + (f"speedup {speedup:.2f}x" if speedup else "")
+              + (f"  predicted {1e3 * predicted:7.1f} ms ({100 * row['model_error']:+.0f}%)" if predicted else ""))
     return 0
 
 

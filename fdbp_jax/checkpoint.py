@@ -135,6 +135,7 @@ def config_differences(saved: dict, config: Config, ticks_per_epoch: int) -> lis
     or step with explicit --step-epochs): the cosine and the default step schedules are laid out over
     --epochs, so a longer or shorter run is another run."""
     now = config.to_json()
+    saved = Config.from_json(saved).to_json()  # a setting added since the checkpoint was written has its default
     differences = [
         f"{key} {saved.get(key)!r} (checkpoint) vs {now[key]!r} (now)"
         for key in now

@@ -8,6 +8,7 @@ from typing import Any
 
 from fdbp_jax.data import DATASETS
 from fdbp_jax.models import MODELS, model_blocks
+from fdbp_jax.partition import MEASURES
 from fdbp_jax.engines import ALGORITHMS, STASH_MODES
 
 SCHEDULES = ("constant", "step", "cosine")
@@ -49,6 +50,8 @@ class Config:
     train_examples: int | None = setting(None, "use the first N training examples (default: all)")
     eval_examples: int | None = setting(None, "use the first N test examples (default: all)")
     boundaries: tuple | None = setting(None, "block indices where stages 1..K-1 start, e.g. 10,19,28 (default: cost-balanced)")
+    split_by: str = setting("flops", "what the cost-balanced split balances: flops (counted, the same everywhere) or "
+                                     "time (each block measured on this device: what balances real workers)")
     eval_batch_size: int = setting(1000, "examples per evaluation batch")
     log_every: int = setting(20, "ticks between train events in metrics.jsonl and TensorBoard")
     keep_checkpoints: int = setting(3, "how many recent checkpoints to keep")
@@ -97,7 +100,7 @@ def validate(config: Config) -> None:
     """Raise ValueError naming the first bad setting (flag spelling, value, what is valid)."""
     c = config
     choices = (("model", MODELS), ("dataset", DATASETS), ("algorithm", ALGORITHMS), ("schedule", SCHEDULES),
-               ("dtype", DTYPES), ("stash", STASH_MODES))
+               ("dtype", DTYPES), ("stash", STASH_MODES), ("split_by", MEASURES))
     for name, valid in choices:
         if getattr(c, name) not in valid:
             raise ValueError(f"--{name} {getattr(c, name)}: unknown; valid: {', '.join(valid)}")

@@ -1,7 +1,10 @@
 """The speed model: reading measured curves, and its arithmetic on numbers small enough to check by hand."""
 
 import json
+import os
+import sys
 
+import numpy as np
 import pytest
 
 from fdbp_jax import perf
@@ -103,3 +106,16 @@ def test_ticks_to_accuracy():
     assert perf.ticks_to_accuracy(evals, 0.6) == 20
     assert perf.ticks_to_accuracy(evals, 0.8) == 30
     assert perf.ticks_to_accuracy(evals, 0.9) is None
+
+
+def test_link_fitted_to_the_measured_links_reproduces_them():
+    """experiments/bench_workers.py's model check fits a Link through a measured ppermute and a 2-process
+    all-reduce; the speed model must then predict both measurements back."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    from bench_workers import fitted_link
+
+    links = {"message_bytes": 8388608, "ppermute_s": 0.00495, "gradient_bytes": 1039656, "all_reduce_s": 0.0040}
+    link = fitted_link(links)
+    assert link.latency > 0 and link.bandwidth > 0
+    np.testing.assert_allclose(link.transfer(links["message_bytes"]), links["ppermute_s"], rtol=1e-9)
+    np.testing.assert_allclose(link.all_reduce(links["gradient_bytes"], 2), links["all_reduce_s"], rtol=1e-9)
