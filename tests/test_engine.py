@@ -98,3 +98,18 @@ def test_stage_parameters_live_only_on_their_stage_devices():
         for shard in leaf.addressable_shards:
             stage = list(mesh.devices.flat).index(shard.device) % 4
             assert shard.data.shape[0] == 1 and shard.index[0] == slice(stage, stage + 1)
+
+
+@pytest.mark.parametrize("stash", ["recompute", "residuals"])
+def test_the_compiled_tick_writes_the_stash_rings_in_place(stash):
+    """Each tick writes one row of every stash ring: the compiled tick must not copy a whole ring (a
+    bounds-checked scatter, or a slice of the ring's block, made XLA copy each ring several times a tick)."""
+    xs, ys = toy.batches(1, batch=16)
+    trainer = fj.Trainer(toy.conv_stages(4, True), toy.cross_entropy, optax.sgd(0.1), mesh=fj.make_mesh(2, 4), stash=stash)
+    state = trainer.init(jax.random.key(0), xs[0])
+    rings = jax.tree.leaves((state.stash, state.stash_params, state.stash_model_state))
+    shapes = {",".join(map(str, ring.addressable_shards[0].data.shape)) for ring in rings}
+    compiled = trainer.engine.lower(state, xs[0], ys[0]).compile().as_text()
+    copies = [line for line in compiled.splitlines() if " copy(" in line
+              and any(f"[{shape}]" in line.split("copy(")[0] for shape in shapes)]
+    assert rings and not copies, f"the compiled tick copies a stash ring: {copies[:2]}"
