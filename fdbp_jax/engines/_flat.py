@@ -97,7 +97,10 @@ def mean_over(axis_name, tree: PyTree, model_state: PyTree = None) -> tuple[PyTr
     """`tree` (gradients, losses) averaged over the mesh axis `axis_name`, and `model_state` merged over
     it by the one rule of `stages.averaged_over_replicas` (floating leaves averaged, others kept), all
     in one collective per dtype: between processes a collective costs milliseconds of latency whatever
-    its size (gloo on CPU: ~4 ms), so a tree of many leaves must not be one all-reduce per leaf."""
+    its size (gloo on CPU: ~4 ms), so a tree of many leaves must not be one all-reduce per leaf, and an
+    axis of one device needs none."""
+    if jax.lax.axis_size(axis_name) == 1:
+        return tree, model_state
     state_leaves, state_def = jax.tree.flatten(model_state)
     averaged = [i for i, leaf in enumerate(state_leaves) if averaged_over_replicas(leaf)]
     both = (tree, [state_leaves[i] for i in averaged])
