@@ -1,6 +1,6 @@
 """Models as flat sequences of blocks (stem, residual blocks, head), so they can be cut into K
 contiguous stages: CIFAR ResNet-20/32/44/56/110 (He et al. 2016), WRN-28-10 (Zagoruyko & Komodakis
-2016; its head here omits the final BN-ReLU of the original) and a small fast CNN."""
+2016; its head here omits the final BN-ReLU of the original), a small fast CNN and a ViT (`vit.py`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from fdbp_jax.stages import Stage
+from fdbp_jax.vit import cifar_vit
 
 RESNET_DEPTHS = (20, 32, 44, 56, 110)
 
@@ -114,6 +115,7 @@ def cifar_resnet(depth: int) -> Callable[[int], list[nn.Module]]:
 # the registry: model name -> its block sequence for a number of classes
 MODELS: dict[str, Callable[[int], list[nn.Module]]] = {
     **{f"resnet{depth}": cifar_resnet(depth) for depth in RESNET_DEPTHS}, "wrn28_10": wide_resnet28_10, "cnn": small_cnn,
+    "vit": cifar_vit,
 }
 
 

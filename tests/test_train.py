@@ -164,3 +164,11 @@ def test_evaluate_gives_the_accuracy_of_a_known_predictor(algorithm, mesh_shape)
     state = trainer.init(jax.random.key(0), np.zeros((16, 32, 32, 3), np.float32))
     config = Config(model="cnn", stages=2, data_parallel=2, eval_batch_size=16)
     assert train.evaluate(trainer, state, dataset, config) == 37 / 50
+
+
+def test_vit_cuts_evenly_into_eight_stages(capsys):
+    assert cli.main(["--model", "vit", "--stages", "8", "--show-split"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("TransformerBlock") >= 8 and "PatchEmbedding" in out and "TokenHead" in out
+    balance = float(out.split("balance (mean/max stage FLOPs):")[1].split()[0])
+    assert balance > 0.95, out
