@@ -48,19 +48,27 @@ def on_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None and os.environ.get("JAX_PLATFORMS", "") not in ("cpu",)
 
 
+def worker_process(command: list[str], worker: int) -> tuple[list[str], dict]:
+    """`command` as worker `worker`'s process, and its environment: pinned to core `worker` (CPU), or
+    given GPU `worker` alone; the repository on its PYTHONPATH."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if on_gpu():
+        env["CUDA_VISIBLE_DEVICES"] = str(worker)
+    elif shutil.which("taskset"):
+        command = ["taskset", "-c", str(worker % os.cpu_count()), *command]
+    return command, env
+
+
 def launch(settings: dict, processes: int, worker_ids: list[int]) -> list[dict]:
     """Start one worker process per id (pinned to core `id`, or given GPU `id`); their JSON results.
     With `processes` > 1 they are joined by jax.distributed; with 1, each is an independent twin."""
     port, procs = free_port(), []
     for rank, worker in enumerate(worker_ids):
-        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        command = [sys.executable, os.path.abspath(__file__), "--worker",
-                   json.dumps({**settings, "processes": processes, "rank": rank if processes > 1 else 0,
-                               "port": port})]
-        if on_gpu():
-            env["CUDA_VISIBLE_DEVICES"] = str(worker)
-        elif shutil.which("taskset"):
-            command = ["taskset", "-c", str(worker % os.cpu_count()), *command]
+        command, env = worker_process(
+            [sys.executable, os.path.abspath(__file__), "--worker",
+             json.dumps({**settings, "processes": processes, "rank": rank if processes > 1 else 0, "port": port})],
+            worker,
+        )
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
     for proc in procs:
@@ -189,11 +197,11 @@ def predicted_seconds(row: dict, measured: dict, link, processes: int, batch: in
     None where it has no model (the selective and residual stashes: its stage curve re-runs the forward)."""
     from fdbp_jax import perf
 
-    bp_curve = perf.Curve(tuple(map(tuple, measured["bp_step"])))
     if row["algorithm"] == "bp":
         split = next(iter(measured["splits"].values()))
         param_bytes = 4 * sum(s["param_count"] for s in split["stages"])
-        return perf.bp_step_time(bp_curve, param_bytes, batch, row["workers"], link)
+        return perf.bp_step_time(perf.Curve(tuple(map(tuple, measured["bp_step"]))), param_bytes, batch,
+                                 row["workers"], link)
     if row["algorithm"] == "fdbp" and row["stash"] != "recompute":
         return None
     split = measured["splits"][",".join(map(str, row["boundaries"]))]

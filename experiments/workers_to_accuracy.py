@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_workers import free_port, on_gpu  # noqa: E402
+from bench_workers import free_port, on_gpu, worker_process  # noqa: E402
 
 CONFIGS = ("bp1", "bp", "fdbp", "1f1b")
 
@@ -39,25 +38,15 @@ def config_flags(name: str, processes: int, microbatches: int, split_by: str) ->
     }[name]
 
 
-def command(worker: int, flags: list[str], env: dict) -> list[str]:
-    """`fdbp-train` with `flags`, pinned to core `worker` (CPU) or given GPU `worker`."""
-    train = [sys.executable, "-m", "fdbp_jax.cli", *flags]
-    if on_gpu():
-        env["CUDA_VISIBLE_DEVICES"] = str(worker)
-        return train
-    return ["taskset", "-c", str(worker % os.cpu_count()), *train] if shutil.which("taskset") else train
-
-
 def run(name: str, flags: list[str], joined: bool, workdirs: list[str]) -> None:
     """One configuration on len(workdirs) processes: joined by jax.distributed (all share workdirs[0]'s
     run), or independent runs, one per workdir."""
     port, procs = free_port(), []
     for i, workdir in enumerate(workdirs):
-        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         join = ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", str(len(workdirs)),
                 "--process-id", str(i)] if joined else []
-        procs.append(subprocess.Popen(command(i, [*flags, "--workdir", workdir, *join], env), env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        command, env = worker_process([sys.executable, "-m", "fdbp_jax.cli", *flags, "--workdir", workdir, *join], i)
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for proc in procs:
         out, _ = proc.communicate(timeout=7200)
         if proc.returncode != 0:

@@ -14,10 +14,13 @@ from fdbp_jax.engines import _mesh_layer
 OPTIMIZERS = {"sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9), "adam": lambda: optax.adam(1e-3)}
 
 
-def mesh_and_emulator(num_stages, data, optimizer, shrink, batch_norm=False, ticks=None, stash="recompute"):
+def mesh_and_emulator(num_stages, data, optimizer, shrink, batch_norm=False, ticks=None, stash="recompute",
+                      stages=None):
+    """(emulator, its state, losses), (mesh trainer, its state, losses), the initial variables, the inputs:
+    both trained from the same variables on the same batches (`stages`: the toy conv stages by default)."""
     ticks = ticks or 3 * num_stages + 2
     xs, ys = toy.batches(ticks)
-    stages = toy.conv_stages(num_stages, batch_norm)
+    stages = stages or toy.conv_stages(num_stages, batch_norm)
     emulator = fj.Trainer(stages, toy.cross_entropy, OPTIMIZERS[optimizer](), shrink=shrink, replicas=data)
     state = emulator.init(jax.random.key(1), xs[0])
     initial = emulator.stage_variables(state)
@@ -122,15 +125,9 @@ def test_a_small_vit_on_the_mesh_matches_the_emulator(stash):
     constant per query), and Adam would turn its float noise, of either sign, into full-size steps."""
     from fdbp_jax.vit import cifar_vit
 
-    stages = cifar_vit(10, depth=2, width=16, heads=2)
-    xs, ys = toy.batches(6, batch=8)
-    emulator = fj.Trainer(stages, toy.cross_entropy, optax.sgd(0.05, momentum=0.9), replicas=2)
-    state = emulator.init(jax.random.key(0), xs[0])
-    initial = emulator.stage_variables(state)
-    mesh = fj.Trainer(stages, toy.cross_entropy, optax.sgd(0.05, momentum=0.9), mesh=fj.make_mesh(2, 4), stash=stash)
-    mesh_state = mesh.init(jax.random.key(1), xs[0], variables=initial)
-    state, emulator_losses = toy.run(emulator, state, xs, ys)
-    mesh_state, mesh_losses = toy.run(mesh, mesh_state, xs, ys)
+    (emulator, state, emulator_losses), (mesh, mesh_state, mesh_losses), initial, _ = mesh_and_emulator(
+        4, 2, "sgd_momentum", 1.0, ticks=6, stash=stash, stages=cifar_vit(10, depth=2, width=16, heads=2)
+    )
     assert toy.max_relative_error(emulator.stage_variables(state), initial) > 1e-3
     # leaf by leaf with an absolute floor: the key biases stay at float noise (~1e-10), where a relative
     # error means nothing

@@ -151,17 +151,21 @@ class MeshEngine(StagedMeshEngine):
         b, D = shapes[0].shape[0], schedule.stash_depth(0, K)
         packed_params, packed_state, packed_opt = packed.stack(params, model_state, opt_state)
         message = lambda: np.zeros((K, N, b, packed.message_width), packed.message_dtype)
+        rings = {
+            "stash": {d: np.zeros((K, N, D, width), d) for d, width in self.stash_sizes.items()},
+            "stash_params": self._weight_stash(packed_params, D),
+            "stash_model_state": self._weight_stash(packed_state, D),
+        }
+        due_row = lambda ring: jax.tree.map(lambda a: np.zeros_like(a[..., 0, :]), ring)  # the depth axis dropped
         state = EngineState(
             tick=np.zeros((), np.int32),
             params=packed_params,
             model_state=packed_state,
             opt_state=packed_opt,
-            stash={d: np.zeros((K, N, D, width), d) for d, width in self.stash_sizes.items()},
-            stash_params=self._weight_stash(packed_params, D),
-            stash_model_state=self._weight_stash(packed_state, D),
-            due_stash={d: np.zeros((K, N, width), d) for d, width in self.stash_sizes.items()},
-            due_params={} if self.stash != "recompute" else {d: np.zeros_like(v) for d, v in packed_params.items()},
-            due_model_state={} if self.stash != "recompute" else {d: np.zeros_like(v) for d, v in packed_state.items()},
+            **rings,
+            due_stash=due_row(rings["stash"]),
+            due_params=due_row(rings["stash_params"]),
+            due_model_state=due_row(rings["stash_model_state"]),
             act_msg=message(),
             label_msg=np.zeros((K, N, *label.shape), label.dtype),
             grad_msg=message(),
