@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from fdbp_jax.corrections import CORRECTIONS
 from fdbp_jax.data import DATASETS
 from fdbp_jax.models import MODELS, model_blocks
 from fdbp_jax.partition import MEASURES
@@ -59,6 +60,9 @@ class Config:
     emulate: bool = setting(False, "run on one device, simulating the replicas the mesh run would have (see `replicas`)")
     staleness_power: float = setting(1.0, "FDBP: scale stage k's updates by (1 + delay_k)^-power (0: plain FDBP; docs/staleness.md)")
     staleness_warmup: int = setting(0, "FDBP: ramp stage k's updates up over this many updates per tick of delay")
+    correction: str = setting("none", "FDBP staleness correction: none, predict (forwards on the weights extrapolated "
+                                      "over the stage's delay) or lookahead (the momentum as a delay-aware Nesterov "
+                                      "look-ahead); docs/staleness.md")
     tensorboard: bool = setting(True, "TensorBoard event files in <workdir>/tensorboard, next to metrics.jsonl",
                                 flag="--no-tensorboard")
     dtype: str = setting("float32", "compute dtype: float32 or bfloat16 (parameters and optimizer state stay float32)")
@@ -100,7 +104,8 @@ def validate(config: Config) -> None:
     """Raise ValueError naming the first bad setting (flag spelling, value, what is valid)."""
     c = config
     choices = (("model", MODELS), ("dataset", DATASETS), ("algorithm", ALGORITHMS), ("schedule", SCHEDULES),
-               ("dtype", DTYPES), ("stash", STASH_MODES), ("split_by", MEASURES))
+               ("dtype", DTYPES), ("stash", STASH_MODES), ("split_by", MEASURES),
+               ("correction", CORRECTIONS))
     for name, valid in choices:
         if getattr(c, name) not in valid:
             raise ValueError(f"--{name} {getattr(c, name)}: unknown; valid: {', '.join(valid)}")
@@ -113,6 +118,9 @@ def validate(config: Config) -> None:
         devices = (f"the {c.replicas} replicas of BP (--stages {c.stages} x --data-parallel {c.data_parallel} devices)"
                    if c.algorithm == "bp" else f"--data-parallel {c.data_parallel}")
         raise ValueError(f"--batch-size {c.batch_size}: must be a positive multiple of {devices}")
+    if c.correction != "none" and c.algorithm != "fdbp":
+        raise ValueError(f"--correction {c.correction}: corrects FDBP's stale gradients, not --algorithm "
+                         f"{c.algorithm}; use --correction none")
     if c.microbatches < 1:
         raise ValueError(f"--microbatches {c.microbatches}: must be >= 1")
     if c.microbatches > 1 and not ALGORITHMS[c.algorithm].microbatched:

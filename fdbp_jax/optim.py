@@ -13,6 +13,7 @@ from __future__ import annotations
 import optax
 
 from fdbp_jax.config import Config
+from fdbp_jax.corrections import Correction, Lookahead, as_correction
 from fdbp_jax.schedule import first_update_tick, stage_delay
 
 
@@ -70,14 +71,23 @@ def make_optimizer(
     config: Config, ticks_per_epoch: int
 ) -> optax.GradientTransformation | list[optax.GradientTransformation]:
     """SGD with (PyTorch-style, coupled) weight decay, momentum and the schedule. For FDBP with the
-    staleness control on (the default), one per stage, its updates scaled for the stage's delay."""
+    staleness control on (the default), one per stage, its updates scaled for the stage's delay. With
+    --correction lookahead the momentum is the correction's (`correction`), so SGD here has none."""
+    own_momentum = config.momentum if config.correction != "lookahead" else 0.0
     sgd = optax.chain(
         optax.add_decayed_weights(config.weight_decay),
-        optax.sgd(lr_schedule(config, ticks_per_epoch), momentum=config.momentum or None),
+        optax.sgd(lr_schedule(config, ticks_per_epoch), momentum=own_momentum or None),
     )
     if config.algorithm == "fdbp" and (config.staleness_power or config.staleness_warmup):
         return staleness_aware(sgd, config.stages, config.staleness_power, config.staleness_warmup)
     return sgd
+
+
+def correction(config: Config) -> Correction:
+    """The staleness correction of the settings (lookahead carries --momentum)."""
+    if config.correction == "lookahead":
+        return Lookahead(momentum=config.momentum)
+    return as_correction(config.correction)
 
 
 def learning_rates(config: Config, ticks_per_epoch: int, tick: int) -> list[float]:

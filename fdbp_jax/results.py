@@ -10,8 +10,8 @@ import os
 from typing import Sequence
 
 # settings that say which method ran, not which recipe: a BP and an FDBP run differing only here are a pair
-METHOD_SETTINGS = ("algorithm", "stages", "boundaries", "staleness_power", "staleness_warmup", "shrink", "emulate",
-                   "keep_checkpoints", "log_every", "eval_batch_size", "skip_nonfinite", "tensorboard")
+METHOD_SETTINGS = ("algorithm", "stages", "boundaries", "staleness_power", "staleness_warmup", "correction", "shrink",
+                   "emulate", "keep_checkpoints", "log_every", "eval_batch_size", "skip_nonfinite", "tensorboard")
 
 
 @dataclasses.dataclass
@@ -30,7 +30,8 @@ class Run:
         if self.config["algorithm"] == "bp":
             return "BP"
         plain = " plain" if not self.config.get("staleness_power") else ""
-        return f"FDBP K={self.config['stages']}{plain}"
+        corrected = self.config.get("correction", "none")
+        return f"FDBP K={self.config['stages']}{plain}" + ("" if corrected == "none" else f" {corrected}")
 
     @property
     def final(self) -> dict:

@@ -26,7 +26,7 @@ from fdbp_jax.config import Config, validate
 from fdbp_jax.losses import cross_entropy
 from fdbp_jax.mesh import make_mesh
 from fdbp_jax.models import model_blocks
-from fdbp_jax.optim import learning_rates, make_optimizer
+from fdbp_jax.optim import correction, learning_rates, make_optimizer
 from fdbp_jax.partition import Split, split_blocks
 from fdbp_jax.run_log import RunLog
 from fdbp_jax.trainer import Trainer
@@ -82,7 +82,7 @@ def build_trainer(config: Config, ticks_per_epoch: int, mesh) -> tuple[Trainer, 
         split.stages, cross_entropy, make_optimizer(config, ticks_per_epoch),
         mesh=mesh, algorithm=config.algorithm, shrink=config.shrink, skip_nonfinite=config.skip_nonfinite,
         replicas=config.replicas if config.emulate else None, compute_dtype=config.dtype,
-        microbatches=config.microbatches, stash=config.stash,
+        microbatches=config.microbatches, stash=config.stash, correction=correction(config),
     )
     return trainer, split.boundaries
 

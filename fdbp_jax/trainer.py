@@ -16,9 +16,11 @@ import optax
 from jax.sharding import Mesh
 
 from fdbp_jax import distributed, engines
+from fdbp_jax.corrections import Correction, as_correction
 from fdbp_jax.delays import DelayModel
 from fdbp_jax.engines import STASH_MODES, Engine, EngineOptions
 from fdbp_jax.mesh import check_mesh, num_devices
+from fdbp_jax.schedule import stage_delay
 from fdbp_jax.boundaries import is_array, pack_boundaries
 from fdbp_jax.stages import LossFn, NnxStage, as_stage, describe_shape, float32_loss, trace_shapes
 
@@ -49,7 +51,12 @@ class Trainer:
     Stages are flax.nnx modules (trained from the weights they hold) or flax.linen ones (initialised
     from `init`'s key), mixed as you like; a stage boundary may be a pytree of arrays. Dropout draws
     from a key per forward, from ``dropout_seed``, the stage, the batch and the replica
-    (`stages.Stage.forward_key`).
+    (`stages.Stage.forward_key`). ``correction`` (FDBP; `fdbp_jax.corrections`: "none", "predict",
+    "lookahead", or one configured, e.g. `Lookahead(momentum=0.95)`) corrects the stale gradients:
+    "predict" runs each forward on the stage's weights extrapolated over its delay from its last update;
+    "lookahead" makes the stage's momentum a delay-aware Nesterov look-ahead (give it an optimizer
+    without momentum, e.g. `optax.sgd(lr)`). Both compose with per-stage optimizers such as
+    `fdbp_jax.optim.staleness_aware` and with ``shrink``.
     """
 
     def __init__(
@@ -67,6 +74,7 @@ class Trainer:
         compute_dtype: str = "float32",
         microbatches: int = 1,
         dropout_seed: int = 0,
+        correction: str | Correction = "none",
     ):
         stages = list(stages)
         if not stages or not all(isinstance(s, (nn.Module, nnx.Module)) for s in stages):
@@ -109,6 +117,12 @@ class Trainer:
             raise ValueError(
                 f"optimizer must be one optax.GradientTransformation or a list of {len(stages)} (one per stage)"
             )
+        self.correction = as_correction(correction)
+        if self.correction.name != "none":
+            if algorithm != "fdbp":
+                raise ValueError(f"correction={self.correction.name!r} corrects FDBP's stale gradients: use "
+                                 f"algorithm='fdbp', or correction='none' for {algorithm!r}")
+            optimizers = [self.correction.optimizer(o, stage_delay(k, len(stages))) for k, o in enumerate(optimizers)]
         self.algorithm = algorithm
         self.microbatches = microbatches
         self.mesh = mesh
@@ -120,7 +134,8 @@ class Trainer:
         else:
             self.replicas = replicas or 1
         options = EngineOptions(mesh=mesh, replicas=self.replicas, shrink=float(shrink), stash=stash,
-                                skip_nonfinite=skip_nonfinite, delays=delays, microbatches=microbatches)
+                                skip_nonfinite=skip_nonfinite, delays=delays, microbatches=microbatches,
+                                correction=self.correction)
         self._build = partial(spec.build, loss_fn=loss_fn, optimizers=optimizers, o=options)
         self.engine: Engine = self._build(self.stages)
         self._batch: tuple | None = None

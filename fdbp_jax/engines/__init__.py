@@ -17,6 +17,7 @@ import jax
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from fdbp_jax.corrections import Correction, NoCorrection
 from fdbp_jax.delays import DelayModel
 from fdbp_jax.engines.bp import Backprop
 from fdbp_jax.engines.fdbp_emulator import Emulator
@@ -61,6 +62,7 @@ class EngineOptions:
     skip_nonfinite: bool = False
     delays: DelayModel | None = None
     microbatches: int = 1
+    correction: Correction = NoCorrection()  # FDBP's staleness correction (`fdbp_jax.corrections`)
 
 
 Builder = Callable[[list[Stage], LossFn, list[optax.GradientTransformation], EngineOptions], Engine]
@@ -78,10 +80,11 @@ class Algorithm:
 
 def _fdbp(stages, loss_fn, optimizers, o: EngineOptions) -> Engine:
     if o.delays is not None:
-        return StochasticEmulator(stages, loss_fn, optimizers, o.shrink, o.replicas, o.delays, o.skip_nonfinite)
+        return StochasticEmulator(stages, loss_fn, optimizers, o.shrink, o.replicas, o.delays, o.skip_nonfinite,
+                                  o.correction)
     if o.mesh is None:
-        return Emulator(stages, loss_fn, optimizers, o.shrink, o.replicas, o.skip_nonfinite)
-    return MeshEngine(stages, loss_fn, optimizers, o.shrink, o.mesh, o.stash, o.skip_nonfinite)
+        return Emulator(stages, loss_fn, optimizers, o.shrink, o.replicas, o.skip_nonfinite, o.correction)
+    return MeshEngine(stages, loss_fn, optimizers, o.shrink, o.mesh, o.stash, o.skip_nonfinite, o.correction)
 
 
 def _bp(stages, loss_fn, optimizers, o: EngineOptions) -> Engine:

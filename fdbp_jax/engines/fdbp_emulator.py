@@ -1,9 +1,11 @@
-"""Single-device reference of fully decoupled backpropagation (algorithm "fdbp", mesh=None): every stage, in order, in one jitted
-tick, with `replicas` data-parallel workers simulated by vmap. The mesh engine must match it.
+"""Single-device reference of fully decoupled backpropagation (algorithm "fdbp", mesh=None): every
+stage, in order, in one jitted tick, with `replicas` data-parallel workers simulated by vmap; each
+stage's part of the tick is `fdbp_stage.StageTick`. The mesh engine must match it.
 
 Tick t, stage k (the contract):
-  forward   batch forward_batch(t, k) with the current weights; stash (input, weights) in slot
-            stash_slot(t, k, K); send the activation (and labels) to stage k+1 for tick t+1.
+  forward   batch forward_batch(t, k) with the current weights (or those the correction gives); stash
+            (input, those weights) in slot stash_slot(t, k, K); send the activation (and labels) to
+            stage k+1 for tick t+1.
   last      stage K-1 computes loss and gradients at once and sends the input-gradient back.
   backward  stage k < K-1 takes the input-gradient stage k+1 sent at tick t-1, scales it by the
             shrink factor and backpropagates it through its stashed forward of stage_delay(k, K)
@@ -23,14 +25,13 @@ import optax
 
 from fdbp_jax import schedule
 from fdbp_jax.engines._single_device import SingleDeviceEngine
+from fdbp_jax.corrections import Correction, NoCorrection
+from fdbp_jax.engines.fdbp_stage import StageTick, Stashed
 from fdbp_jax.stages import (
     LossFn,
     Stage,
     apply_update,
-    delayed_grads,
     finish_stage,
-    forward,
-    last_stage_grads,
     replica_mean,
     replica_state,
     split_replicas,
@@ -59,7 +60,7 @@ class Emulator(SingleDeviceEngine):
 
     def __init__(
         self, stages: Sequence[Stage], loss_fn: LossFn, optimizers: Sequence[optax.GradientTransformation],
-        shrink: float, replicas: int, skip_nonfinite: bool = False,
+        shrink: float, replicas: int, skip_nonfinite: bool = False, correction: Correction = NoCorrection(),
     ):
         self.stages = list(stages)
         self.loss_fn = loss_fn
@@ -67,8 +68,13 @@ class Emulator(SingleDeviceEngine):
         self.shrink = shrink
         self.replicas = replicas
         self.skip_nonfinite = skip_nonfinite
+        self.correction = correction
         self._compile(self._tick)
 
+    @property
+    def stage_ticks(self) -> list[StageTick]:
+        K = len(self.stages)
+        return [StageTick(s, k, K, self.loss_fn, self.shrink, self.correction) for k, s in enumerate(self.stages)]
     def init(self, variables: Sequence[dict], shapes: Sequence[jax.ShapeDtypeStruct], label: jax.ShapeDtypeStruct):
         """State at tick 0 from per-stage variables and per-replica input shapes (from trace_shapes)."""
         K, R = len(self.stages), self.replicas
@@ -99,35 +105,30 @@ class Emulator(SingleDeviceEngine):
         act_msgs, label_msgs, grad_msgs = [None] * (K - 1), [None] * (K - 1), [None] * (K - 1)
         loss, nonfinite = jnp.nan, []
         replicas = jnp.arange(self.replicas)  # each forward's key: its batch, stage and replica
-        for k, stage in enumerate(self.stages):
+        for k, work in enumerate(self.stage_ticks):
             params, model_state = state.params[k], state.model_state[k]
             x_in = split_replicas(x, self.replicas) if k == 0 else state.act_msgs[k - 1]
             labels = split_replicas(y, self.replicas) if k == 0 else state.label_msgs[k - 1]
-            if k == K - 1:
-                fn = lambda p, s, h, l, r: last_stage_grads(stage, self.loss_fn, p, s, h, l, input_grad=k > 0,
-                                                            key=stage.forward_key(schedule.forward_batch(t, k), r))
-                losses, fwd_state, grads, input_grads = shared_weights(fn, 3)(
+            if work.is_last:
+                losses, fwd_state, grads, input_grads = shared_weights(lambda p, s, h, l, r: work.last(t, r, p, s, h, l), 3)(
                     params, model_state, x_in, labels, replicas
                 )
                 loss = jnp.where(schedule.loss_is_valid(t, K), jnp.mean(losses), jnp.nan)
             else:
-                outputs, fwd_state = shared_weights(
-                    lambda p, s, h, r: forward(stage, p, s, h, stage.forward_key(schedule.forward_batch(t, k), r)), 2
-                )(params, model_state, x_in, replicas)
+                weights = work.forward_params(params, state.opt_state[k])
+                outputs, fwd_state = shared_weights(lambda p, s, h, r: work.forward(t, r, p, s, h), 2)(
+                    weights, model_state, x_in, replicas
+                )
                 act_msgs[k], label_msgs[k] = outputs, labels
                 slot = schedule.stash_slot(t, k, K)
-                back_slot = schedule.stash_slot(t - schedule.stage_delay(k, K), k, K)
+                back_slot = schedule.stash_slot(t - work.delay, k, K)
                 stash_inputs = state.stash_inputs[k].at[slot].set(x_in)
-                stash_params = jax.tree.map(lambda r, a: r.at[slot].set(a), state.stash_params[k], params)
+                stash_params = jax.tree.map(lambda r, a: r.at[slot].set(a), state.stash_params[k], weights)
                 stash_state = jax.tree.map(lambda r, a: r.at[slot].set(a), state.stash_model_state[k], model_state)
-                used_params = jax.tree.map(lambda r: r[back_slot], stash_params)
-                used_state = jax.tree.map(lambda r: r[back_slot], stash_state)
-                output_grads = self.shrink * state.grad_msgs[k]
-                back_batch = schedule.backward_batch(t, k, K)  # the batch of the forward it backpropagates
-                fn = lambda p, s, h, g, r: delayed_grads(stage, p, s, h, g, input_grad=k > 0,
-                                                         key=stage.forward_key(back_batch, r))
-                grads, input_grads, _ = shared_weights(fn, 3)(
-                    used_params, used_state, stash_inputs[back_slot], output_grads, replicas
+                stashed = Stashed(*jax.tree.map(lambda r: r[back_slot], (stash_params, stash_state)),
+                                  stash_inputs[back_slot])
+                grads, input_grads = jax.vmap(partial(work.backward, t), in_axes=(0, Stashed(None, None, 0), 0))(
+                    replicas, stashed, state.grad_msgs[k]
                 )
                 new["stash_inputs"].append(stash_inputs)
                 new["stash_params"].append(stash_params)
@@ -146,4 +147,3 @@ class Emulator(SingleDeviceEngine):
             tick=t + 1, act_msgs=act_msgs, label_msgs=label_msgs, grad_msgs=grad_msgs, **new
         )
         return new_state, {"loss": loss, "tick": t, "nonfinite": jnp.stack(nonfinite)}
-

@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from fdbp_jax import schedule
+from fdbp_jax.corrections import Correction, NoCorrection
 from fdbp_jax.distributed import place
 from fdbp_jax.engines._flat import FlatLayout, mean_over, padded_sizes
 from fdbp_jax.engines._mesh_layer import (
@@ -44,15 +45,8 @@ from fdbp_jax.engines._mesh_layer import (
     stage_update,
     with_stage_axis,
 )
-from fdbp_jax.stages import (
-    LossFn,
-    Stage,
-    delayed_grads,
-    finish_stage,
-    forward,
-    last_stage_grads,
-    split_variables,
-)
+from fdbp_jax.engines.fdbp_stage import StageTick, Stashed
+from fdbp_jax.stages import LossFn, Stage, finish_stage, split_variables
 
 STASH_MODES = ("recompute", "selective", "residuals")
 # what "selective" keeps of a forward: the outputs of convolutions and matmuls (the rest is re-run)
@@ -104,6 +98,14 @@ class Inbox(NamedTuple):
     gradient: jax.Array
 
 
+class Weights(NamedTuple):
+    """A stage device's own packed params, model state and optimizer state (dtype -> (P,), (M,), (O,))."""
+
+    params: dict
+    model_state: dict
+    opt_state: dict
+
+
 class Due(NamedTuple):
     """What a tick's delayed backward uses of the stash (one replica), read after the previous tick's write."""
 
@@ -118,6 +120,7 @@ class MeshEngine(StagedMeshEngine):
     def __init__(
         self, stages: Sequence[Stage], loss_fn: LossFn, optimizers: Sequence[optax.GradientTransformation],
         shrink: float, mesh: Mesh, stash: str = "recompute", skip_nonfinite: bool = False,
+        correction: Correction = NoCorrection(),
     ):
         if stash not in STASH_MODES:
             raise ValueError(f"stash={stash!r} is not known: use one of {STASH_MODES}")
@@ -128,6 +131,9 @@ class MeshEngine(StagedMeshEngine):
         self.mesh = mesh
         self.stash = stash
         self.skip_nonfinite = skip_nonfinite
+        self.correction = correction
+        self.stage_ticks = [StageTick(s, k, len(self.stages), loss_fn, shrink, correction)
+                            for k, s in enumerate(self.stages)]
         self.packed: PackedStages | None = None
         self.stash_layouts: tuple = ()  # per stage k < K-1: layout of one stash entry (residuals, or the input)
         self.stash_sizes: dict = {}
@@ -241,10 +247,10 @@ class MeshEngine(StagedMeshEngine):
         depth = stage_table([schedule.stash_depth(k, K) for k in range(K)], stage_index)
         delay = stage_table([schedule.stage_delay(k, K) for k in range(K)], stage_index)
         slot, due_slot = t % depth, (t + 1 - delay) % depth  # this tick's forward; the next tick's backward
-        act_out, labels_out, grad_out, stash_entry, grads, fwd_state, loss = stage_switch(
+        act_out, labels_out, grad_out, stash_entry, forward_params, grads, fwd_state, loss = stage_switch(
             self.mesh, [partial(self._stage_work, k) for k in range(K)]
         )(
-            stage_index, t, jax.lax.axis_index("data"), params, model_state, x, y,
+            stage_index, t, jax.lax.axis_index("data"), Weights(params, model_state, opt_state), x, y,
             Inbox(state.act_msg[0, 0], state.label_msg[0, 0], state.grad_msg[0, 0]),
             Due(local_replica(state.due_stash), due_params, due_state),
         )
@@ -257,7 +263,7 @@ class MeshEngine(StagedMeshEngine):
         rings = {"stash": state.stash, "stash_params": state.stash_params, "stash_model_state": state.stash_model_state}
         rings["stash"] = jax.tree.map(partial(write_row, slot=slot), rings["stash"], stash_entry)
         if self.stash == "recompute":
-            rings["stash_params"] = jax.tree.map(partial(write_row, slot=slot), rings["stash_params"], params)
+            rings["stash_params"] = jax.tree.map(partial(write_row, slot=slot), rings["stash_params"], forward_params)
             rings["stash_model_state"] = jax.tree.map(partial(write_row, slot=slot), rings["stash_model_state"], model_state)
         due = lambda ring: jax.tree.map(partial(read_row, slot=due_slot), ring)
         forward_pairs = [(k, k + 1) for k in range(K - 1)]
@@ -283,44 +289,44 @@ class MeshEngine(StagedMeshEngine):
         loss, nonfinite = stage_metrics(loss, nonfinite, K)
         return new_state, jnp.where(schedule.loss_is_valid(t, K), loss, jnp.nan), nonfinite, t
 
-    def _stage_work(self, k, t, replica, params, model_state, x, y, inbox: "Inbox", stashed: "Due"):
-        """Stage k's forward and its gradient at tick t (one replica), and what it stashes of its forward
-        (packed; written into the ring outside the stage switch, where XLA writes in place: a conditional
-        copies its operands); outputs padded to common shapes."""
-        packed, stage, K = self.packed, self.stages[k], self.num_stages
-        forward_key = stage.forward_key(schedule.forward_batch(t, k), replica)
-        params, model_state = packed.params(k, params), packed.model_state(k, model_state)
+    def _stage_work(self, k, t, replica, weights: "Weights", x, y, inbox: "Inbox", stashed: "Due"):
+        """Stage k's forward and its gradient at tick t (one replica, `StageTick`), what it stashes of
+        its forward and the weights that forward ran with (packed; written into the rings outside the
+        stage switch, where XLA writes in place: a conditional copies its operands); outputs padded to
+        common shapes."""
+        packed, work = self.packed, self.stage_ticks[k]
+        params, model_state = packed.params(k, weights.params), packed.model_state(k, weights.model_state)
         x_in = x if k == 0 else packed.from_message(inbox.activation, k)
         labels = y if k == 0 else inbox.labels
-        used_entry = stashed.due_entry
         no_message = packed.no_message(x_in.shape[0])
-        if k == K - 1:  # delay 0: loss and gradients at once, nothing to stash
-            loss, fwd_state, grads, input_grad = last_stage_grads(
-                stage, self.loss_fn, params, model_state, x_in, labels, input_grad=k > 0, key=forward_key
-            )
+        forward_params = weights.params
+        if work.is_last:  # delay 0: loss and gradients at once, nothing to stash
+            loss, fwd_state, grads, input_grad = work.last(t, replica, params, model_state, x_in, labels)
             act_out, labels_out = no_message, jnp.zeros_like(labels)
             entry = {d: jnp.zeros((width,), d) for d, width in self.stash_sizes.items()}
         else:
-            output_grad = self.shrink * packed.from_message(inbox.gradient, k + 1)
+            if self.correction.moves_forward_weights:
+                params = work.forward_params(params, packed.opt_layouts[k].unpack(weights.opt_state))
+                forward_params = packed.pack_params(k, params)
             layout = self.stash_layouts[k]
             if self.stash != "recompute":  # the stashed forward's own pullback, from its residuals
-                outputs, pullback, fwd_state = self._forward_with_pullback(k, params, model_state, x_in, forward_key)
+                outputs, pullback, fwd_state = self._forward_with_pullback(
+                    k, params, model_state, x_in, work.forward_key(t, replica))
                 leaves, treedef = jax.tree.flatten(pullback)
                 if [(leaf.shape, leaf.dtype) for leaf in leaves] != [(s, np.dtype(d)) for d, _, s in layout.leaves]:
                     raise RuntimeError(f"stage {k}: VJP residuals differ between init and tick tracing")
                 entry = layout.pack(leaves, self.stash_sizes)
                 # the pullback of the forward this stage ran stage_delay ticks ago, from its residuals
-                cotangents = jax.tree.unflatten(treedef, layout.unpack(used_entry))(output_grad)
+                output_grad = work.output_grad(packed.from_message(inbox.gradient, k + 1))
+                cotangents = jax.tree.unflatten(treedef, layout.unpack(stashed.due_entry))(output_grad)
                 grads, input_grad = cotangents if k > 0 else (cotangents[0], None)
             else:
-                outputs, fwd_state = forward(stage, params, model_state, x_in, forward_key)
+                outputs, fwd_state = work.forward(t, replica, params, model_state, x_in)
                 entry = layout.pack([x_in], self.stash_sizes)
-                (used_input,) = layout.unpack(used_entry)
-                grads, input_grad, _ = delayed_grads(
-                    stage, packed.params(k, stashed.due_params), packed.model_state(k, stashed.due_model_state),
-                    used_input, output_grad, input_grad=k > 0,
-                    key=stage.forward_key(schedule.backward_batch(t, k, K), replica),  # the stashed forward's
-                )
+                (used_input,) = layout.unpack(stashed.due_entry)
+                due = Stashed(packed.params(k, stashed.due_params), packed.model_state(k, stashed.due_model_state),
+                              used_input)
+                grads, input_grad = work.backward(t, replica, due, packed.from_message(inbox.gradient, k + 1))
             act_out, labels_out, loss = packed.to_message(outputs), labels, 0.0
         grad_out = no_message if input_grad is None else packed.to_message(input_grad)
         return (
@@ -328,6 +334,7 @@ class MeshEngine(StagedMeshEngine):
             labels_out,
             grad_out,
             entry,
+            forward_params,
             packed.pack_params(k, grads),
             packed.pack_model_state(k, fwd_state),
             jnp.asarray(loss, jnp.float32),

@@ -2,7 +2,8 @@
 delays[k] = delay_model(t)[k] ticks old, drawn at random within a bound instead of fixed at
 stage_delay(k, K). The mesh engine keeps the fixed schedule; this is a reference for studying it.
 
-Forwards keep the pipeline's timing: stage k runs batch t-k at tick t with its current weights, and
+Forwards keep the pipeline's timing: stage k runs batch t-k at tick t with its current weights (or
+those its correction gives, `fdbp_stage.StageTick.forward_params`), and
 every forward's input, labels, weights and model state are kept for `bound + 1` ticks. The gradient
 stage k applies at tick t is the exact one of the forward it ran at tick s = t - delays[k] (batch
 b = s - k): the loss of batch b through stage k with the weights it had at s and through each later
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from fdbp_jax import schedule
+from fdbp_jax.corrections import Correction, NoCorrection
 from fdbp_jax.delays import DelayModel
 from fdbp_jax.engines.fdbp_emulator import Emulator
 from fdbp_jax.stages import (
@@ -67,13 +69,14 @@ class StochasticEmulator(Emulator):
     def __init__(
         self, stages: Sequence[Stage], loss_fn: LossFn, optimizers: Sequence[optax.GradientTransformation],
         shrink: float, replicas: int, delay_model: DelayModel, skip_nonfinite: bool = False,
+        correction: Correction = NoCorrection(),
     ):
         if delay_model.num_stages != len(stages):
             raise ValueError(
                 f"delay model is for {delay_model.num_stages} stages but there are {len(stages)}: "
                 f"use DelayModel(num_stages={len(stages)}, ...)"
             )
-        super().__init__(stages, loss_fn, optimizers, shrink, replicas, skip_nonfinite)
+        super().__init__(stages, loss_fn, optimizers, shrink, replicas, skip_nonfinite, correction)
         self.delay_model = delay_model
         self.ring = delay_model.bound + 1
 
@@ -102,19 +105,19 @@ class StochasticEmulator(Emulator):
         record = lambda history, value: jax.tree.map(lambda h, v: h.at[now].set(v), history, value)
         inputs = [split_replicas(x, self.replicas)] + state.act_msgs
         labels = [split_replicas(y, self.replicas)] + state.label_msgs
-        history = dict(
-            param_history=[record(h, p) for h, p in zip(state.param_history, state.params)],
+        work = self.stage_ticks
+        weights = [w.forward_params(p, o) for w, p, o in zip(work, state.params, state.opt_state)]
+        history = dict(  # the weights each forward ran with
+            param_history=[record(h, p) for h, p in zip(state.param_history, weights)],
             state_history=[record(h, s) for h, s in zip(state.state_history, state.model_state)],
             input_history=[h.at[now].set(v) for h, v in zip(state.input_history, inputs)],
             label_history=[h.at[now].set(v) for h, v in zip(state.label_history, labels)],
         )
         act_msgs, label_msgs, fwd_states, loss = [], [], [], jnp.nan
         replicas = jnp.arange(self.replicas)
-        for k, stage in enumerate(self.stages):
-            def run(h, r, s=stage, p=state.params[k], m=state.model_state[k], k=k):
-                return forward(s, p, m, h, s.forward_key(schedule.forward_batch(t, k), r))
-
-            outputs, fwd_state = jax.vmap(run)(inputs[k], replicas)
+        for k in range(K):
+            run = partial(lambda k, r, h: work[k].forward(t, r, weights[k], state.model_state[k], h), k)
+            outputs, fwd_state = jax.vmap(run)(replicas, inputs[k])
             fwd_states.append(fwd_state)
             if k < K - 1:
                 act_msgs.append(outputs)
