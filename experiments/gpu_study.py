@@ -71,7 +71,22 @@ GRID = {
     "r20-bp-lr0.1-seed1": dict(model="resnet20", algorithm="bp", stages=1, lr=0.1, seed=1),
     "r20-fdbp4-lr0.1-seed1": dict(model="resnet20", algorithm="fdbp", stages=4, lr=0.1, seed=1),
 }
-RUN_SETS = {"first": list(GRID)[:8], "second": list(GRID)[8:]}
+# the deep set (--runs deep): K = 8 and 16 against BP on the deep models, plain and with the corrections
+# (docs/staleness.md); ResNet-110 at K = 16 is the deepest pipeline the models cut into evenly
+DEEP = {
+    f"{tag}-{name}": dict(model=model, lr=lr, **settings)
+    for tag, model, lr in (("vit", "vit", 0.05), ("r56", "resnet56", 0.1), ("r110", "resnet110", 0.1))
+    for name, settings in (
+        ("bp", dict(algorithm="bp", stages=1)),
+        ("fdbp8", dict(algorithm="fdbp", stages=8)),
+        ("fdbp8-predict", dict(algorithm="fdbp", stages=8, correction="predict")),
+        ("fdbp8-lookahead", dict(algorithm="fdbp", stages=8, correction="lookahead")),
+        ("fdbp16", dict(algorithm="fdbp", stages=16)),
+        ("fdbp16-predict", dict(algorithm="fdbp", stages=16, correction="predict")),
+    )
+}
+GRID.update(DEEP)
+RUN_SETS = {"first": list(GRID)[:8], "second": list(GRID)[8:16], "deep": list(DEEP)}
 
 
 def package_versions() -> dict:

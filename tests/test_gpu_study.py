@@ -127,3 +127,20 @@ def test_missing_grain_without_wheels_is_one_clear_message(tmp_path, monkeypatch
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "grain" else find_spec(name))
     with pytest.raises(SystemExit, match="no grain and --wheels .* holds no wheels"):
         gpu_study.install_missing_grain(str(tmp_path), str(tmp_path))
+
+
+def test_deep_run_set_is_valid_settings_for_k8_and_k16():
+    import importlib.util
+
+    from fdbp_jax.config import Config, validate
+
+    spec = importlib.util.spec_from_file_location("gpu_study", os.path.join(ROOT, "experiments", "gpu_study.py"))
+    gpu_study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_study)
+    deep = gpu_study.RUN_SETS["deep"]
+    configs = [Config(**{**gpu_study.BASE, **gpu_study.GRID[name]}) for name in deep]
+    for config in configs:
+        validate(config)
+    assert {c.model for c in configs} == {"vit", "resnet56", "resnet110"}
+    assert {c.stages for c in configs if c.algorithm == "fdbp"} == {8, 16}
+    assert {c.correction for c in configs} == {"none", "predict", "lookahead"}

@@ -30,6 +30,9 @@ BAD_INPUT = [
     (["--dataset", "mnist"], "--dataset mnist: unknown; valid: cifar10"),
     (["--schedule", "linear"], "--schedule linear: unknown; valid: constant, step, cosine"),
     (["--algorithm", "sgd"], "--algorithm sgd: unknown; valid: fdbp, bp, gpipe, 1f1b"),
+    (["--correction", "guess"], "--correction guess: unknown; valid: none, predict, lookahead"),
+    (["--algorithm", "bp", "--correction", "predict"], "--correction predict: corrects FDBP's stale gradients, not "
+                                                       "--algorithm bp; use --correction none"),
     (["--microbatches", "2"], "--microbatches 2: only the synchronous pipelines (--algorithm gpipe or 1f1b) split"),
     (["--algorithm", "gpipe", "--microbatches", "0"], "--microbatches 0: must be >= 1"),
     (["--algorithm", "1f1b", "--microbatches", "3"], "--batch-size 16: must be a multiple of --data-parallel 2 x "

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 import tensorflow_datasets as tfds
+import toy
 
 import fdbp_jax as fj
 
@@ -172,3 +173,34 @@ def test_vit_cuts_evenly_into_eight_stages(capsys):
     assert out.count("TransformerBlock") >= 8 and "PatchEmbedding" in out and "TokenHead" in out
     balance = float(out.split("balance (mean/max stage FLOPs):")[1].split()[0])
     assert balance > 0.95, out
+
+
+DEEP = dict(model="vit", data_parallel=1, batch_size=8, lr=0.05, schedule="constant", epochs=1, train_examples=160,
+            eval_examples=8, eval_batch_size=8, log_every=5, tensorboard=False)
+
+
+def test_vit_at_k8_on_the_mesh_follows_the_emulator_with_weight_prediction(tmp_path):
+    """fdbp-train's path at K = 8 on the 8-device CPU mesh with --correction predict: the same weights
+    as the emulator of the same settings (that predict changes the weights: the K = 16 test)."""
+    data = (tiny_cifar(160, 0), tiny_cifar(8, 1))
+    run = lambda name, **settings: train.train_and_evaluate(
+        Config(**{**DEEP, "stages": 8, "correction": "predict", **settings}), str(tmp_path / name), datasets=data,
+        show_progress=False)
+    mesh, emulated = run("mesh"), run("emulated", emulate=True)
+    weights = lambda result: result.trainer.stage_variables(result.state)
+    assert mesh.summary["config"]["correction"] == "predict" and np.isfinite(mesh.summary["final_train_loss"])
+    # absolute: the attention key biases get exactly zero gradients and stay near 0, so relative errors blow up
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), weights(mesh), weights(emulated))
+
+
+def test_vit_at_k16_in_the_emulator_trains_with_and_without_weight_prediction(tmp_path):
+    data = (tiny_cifar(256, 0), tiny_cifar(8, 1))
+    runs = {}
+    for correction in ("none", "predict"):  # 32 ticks: stage 0 (delay 30) updates twice, the others more
+        config = Config(**{**DEEP, "stages": 16, "emulate": True, "correction": correction, "train_examples": 256})
+        runs[correction] = train.train_and_evaluate(config, str(tmp_path / correction), datasets=data,
+                                                    show_progress=False)
+    losses = [r.summary["final_train_loss"] for r in runs.values()]
+    assert np.isfinite(losses).all(), losses
+    weights = [r.trainer.stage_variables(r.state) for r in runs.values()]
+    assert toy.max_relative_error(weights[0][:15], weights[1][:15]) > 1e-4, "predict changed no stage's weights"
