@@ -12,6 +12,10 @@ forward's own pullback: no recomputation, but far more memory and copying (measu
 see docs/performance.md). ``stash="selective"`` is in between: the forward runs under
 `jax.checkpoint` with a policy that saves the outputs of convolutions and matmuls, so the stash holds
 those (with the input and weights) and the backward re-runs only the cheap elementwise ops between them.
+
+Each stage's part of the tick is `fdbp_stage.StageTick`, shared with the emulators; a staleness
+correction that moves the forward's weights (`predict`) gets the stage's optimizer state, unpacked
+inside its branch, and the stash keeps the weights the forward ran with.
 """
 
 from __future__ import annotations
@@ -263,7 +267,8 @@ class MeshEngine(StagedMeshEngine):
         rings = {"stash": state.stash, "stash_params": state.stash_params, "stash_model_state": state.stash_model_state}
         rings["stash"] = jax.tree.map(partial(write_row, slot=slot), rings["stash"], stash_entry)
         if self.stash == "recompute":
-            rings["stash_params"] = jax.tree.map(partial(write_row, slot=slot), rings["stash_params"], forward_params)
+            stashed_params = forward_params if self.correction.moves_forward_weights else params
+            rings["stash_params"] = jax.tree.map(partial(write_row, slot=slot), rings["stash_params"], stashed_params)
             rings["stash_model_state"] = jax.tree.map(partial(write_row, slot=slot), rings["stash_model_state"], model_state)
         due = lambda ring: jax.tree.map(partial(read_row, slot=due_slot), ring)
         forward_pairs = [(k, k + 1) for k in range(K - 1)]
@@ -299,7 +304,7 @@ class MeshEngine(StagedMeshEngine):
         x_in = x if k == 0 else packed.from_message(inbox.activation, k)
         labels = y if k == 0 else inbox.labels
         no_message = packed.no_message(x_in.shape[0])
-        forward_params = weights.params
+        forward_params = weights.params if self.correction.moves_forward_weights else {}  # {}: the params, outside
         if work.is_last:  # delay 0: loss and gradients at once, nothing to stash
             loss, fwd_state, grads, input_grad = work.last(t, replica, params, model_state, x_in, labels)
             act_out, labels_out = no_message, jnp.zeros_like(labels)
