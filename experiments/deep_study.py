@@ -63,13 +63,22 @@ def group_name(row: dict) -> str:
     return f"{row['name'].rsplit(' s', 1)[0]} @{c['train_examples'] * c['epochs'] // 1000}k"
 
 
+def order(row: dict) -> tuple:
+    """Table order: budget (largest first), BP first, then K, then the corrections as in CORRECTIONS."""
+    c, method = row["config"], row["name"].rsplit(" s", 1)[0].split()[-1]
+    budget = -c["train_examples"] * c["epochs"]
+    if c["algorithm"] == "bp":
+        return budget, 0, 0, 0
+    return budget, 1, c["stages"], list(CORRECTIONS).index(method)
+
+
 def table(results: list[dict]) -> str:
     groups: dict[str, list[dict]] = {}
     for r in results:
         groups.setdefault(group_name(r), []).append(r)
-    lines = ["| run | budget (images) | seeds | test acc % | final train loss | gap to BP (points) |",
+    lines = ["| run | budget (images) | seeds | test acc % | final train loss | vs BP (points) |",
              "|---|---|---|---|---|---|"]
-    for name, rs in sorted(groups.items(), key=lambda kv: (kv[0].split("@")[1], kv[0] != "BP " + kv[0][3:], kv[0])):
+    for name, rs in sorted(groups.items(), key=lambda kv: order(kv[1][0])):
         ok = [r for r in rs if r["diverged"] is None]
         budget = name.split("@")[1]
         bp = [r["test_accuracy"] for k, g in groups.items() if k == f"BP @{budget}" for r in g]
