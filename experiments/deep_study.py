@@ -60,7 +60,7 @@ def grid(args) -> list[tuple[str, Config]]:
 def group_name(row: dict) -> str:
     """A row's name without its seed, and with its budget (training examples x epochs)."""
     c = row["config"]
-    return f"{row['name'].rsplit(' s', 1)[0]} @{c['train_examples'] * c['epochs'] // 1000}k"
+    return f"{row['name'].rsplit(' s', 1)[0]} @{c['train_examples'] * c['epochs'] / 1000:g}k"
 
 
 def order(row: dict) -> tuple:
@@ -102,14 +102,15 @@ def plot(results: list[dict], path: str) -> None:
 
     finished = [r for r in results if r["diverged"] is None]
     names = sorted({group_name(r) for r in finished})
+    max_budget = max(r["config"]["train_examples"] * r["config"]["epochs"] for r in finished) / 1000
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for i, name in enumerate(names):
         histories = [r["history"] for r in finished if group_name(r) == name]
         epochs = [e["epoch"] for e in histories[0]]
-        style = "-" if "@30k" in name else "--"
+        style = "-" if name.endswith(f"@{max_budget:g}k") else "--"
         for ax, field, scale in ((axes[0], "test_accuracy", 100), (axes[1], "train_loss", 1)):
             mean = np.mean([[scale * e[field] for e in h] for h in histories], axis=0)
-            ax.plot(epochs, mean, "o" + style, color=f"C{i % 10}", label=f"{name} ({len(histories)} seeds)")
+            ax.plot(epochs, mean, "o" + style, color=plt.cm.tab20(i % 20), label=f"{name} ({len(histories)} seeds)")
     axes[0].set(xlabel="epoch", ylabel="test accuracy %", title="ViT (16 blocks), CIFAR-10 subset, emulator")
     axes[1].set(xlabel="epoch", ylabel="train loss")
     for ax in axes:
