@@ -41,12 +41,12 @@ def measure(model: str, stages: int, stash: str, batch: int) -> dict:
     state = trainer.init(jax.random.key(0), x)
     analysis = trainer.compiled_step(state, x, y).memory_analysis()
     size = lambda name: int(getattr(analysis, f"{name}_size_in_bytes", 0))
-    stash_bytes = sum(leaf.addressable_shards[0].data.nbytes
-                      for leaf in jax.tree.leaves((state.stash, state.stash_params, state.stash_model_state)))
+    device_mib = lambda tree: sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(tree)) / MiB
     return {"model": model, "stages": stages, "stash": stash, "batch": batch, "boundaries": boundaries,
             "peak_mib": (size("argument") + size("output") + size("temp") - size("alias")) / MiB,
-            "temporaries_mib": size("temp") / MiB, "stash_mib": stash_bytes / MiB,
-            "params_mib": sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(state.params)) / MiB}
+            "temporaries_mib": size("temp") / MiB,
+            "stash_mib": device_mib((state.stash, state.stash_params, state.stash_model_state)),
+            "params_mib": device_mib(state.params)}
 
 
 def main(argv=None) -> int:

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import optax
 
 from fdbp_jax import schedule
-from fdbp_jax.engines._single_device import SingleDeviceEngine
 from fdbp_jax.corrections import Correction, NoCorrection
+from fdbp_jax.engines._single_device import SingleDeviceEngine
 from fdbp_jax.engines.fdbp_stage import StageTick, Stashed
 from fdbp_jax.stages import (
     LossFn,
@@ -69,12 +69,10 @@ class Emulator(SingleDeviceEngine):
         self.replicas = replicas
         self.skip_nonfinite = skip_nonfinite
         self.correction = correction
+        self.stage_ticks = [StageTick(s, k, len(self.stages), loss_fn, shrink, correction)
+                            for k, s in enumerate(self.stages)]
         self._compile(self._tick)
 
-    @property
-    def stage_ticks(self) -> list[StageTick]:
-        K = len(self.stages)
-        return [StageTick(s, k, K, self.loss_fn, self.shrink, self.correction) for k, s in enumerate(self.stages)]
     def init(self, variables: Sequence[dict], shapes: Sequence[jax.ShapeDtypeStruct], label: jax.ShapeDtypeStruct):
         """State at tick 0 from per-stage variables and per-replica input shapes (from trace_shapes)."""
         K, R = len(self.stages), self.replicas
@@ -110,7 +108,8 @@ class Emulator(SingleDeviceEngine):
             x_in = split_replicas(x, self.replicas) if k == 0 else state.act_msgs[k - 1]
             labels = split_replicas(y, self.replicas) if k == 0 else state.label_msgs[k - 1]
             if work.is_last:
-                losses, fwd_state, grads, input_grads = shared_weights(lambda p, s, h, l, r: work.last(t, r, p, s, h, l), 3)(
+                last = lambda p, s, h, l, r: work.last(t, r, p, s, h, l)
+                losses, fwd_state, grads, input_grads = shared_weights(last, 3)(
                     params, model_state, x_in, labels, replicas
                 )
                 loss = jnp.where(schedule.loss_is_valid(t, K), jnp.mean(losses), jnp.nan)
