@@ -67,7 +67,7 @@ def precision(model: str, batch: int) -> dict:
         state = trainer.init(jax.random.key(0), x)
         memory = trainer.compiled_step(state, x, y).memory_analysis()
         _, seconds, state = perf.time_steps(trainer, state, x, y, steps=10)
-        rows[dtype] = {"tick_ms": 1e3 * seconds, "message_bytes_per_tick": int(state.act_msg.nbytes + state.grad_msg.nbytes),
+        rows[dtype] = {"tick_ms": 1e3 * seconds, "message_bytes_per_tick": sum(int(m.nbytes) for m in state.messages),
                        "temp_bytes": int(getattr(memory, "temp_size_in_bytes", 0))}
     return rows
 

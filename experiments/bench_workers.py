@@ -2,7 +2,8 @@
 core with taskset; on a GPU host one process per GPU), joined by jax.distributed, through the public API.
 
     python experiments/bench_workers.py [--processes 2] [--model resnet20] [--batch 128] [--steps 10]
-        [--microbatches 4] [--configs bp1,bp,fdbp-recompute,...] [--check-model] [--out runs/workers]
+        [--microbatches 4] [--configs bp1,bp,fdbp-recompute,...] [--split-unit auto|block|half-block]
+        [--check-model] [--out runs/workers]
 
 For one model and global batch it times BP on 1 worker (beside an identical independent twin on the
 other worker's core, so both sides of the ratio see the same machine), data-parallel BP on P workers,
@@ -100,7 +101,8 @@ def run_worker(settings: dict) -> int:
     K = 1 if algorithm == "bp" else P
     mesh = fj.make_mesh(P, 1) if algorithm == "bp" else fj.make_mesh(1, K)
     local = B // (P if algorithm == "bp" else 1)
-    split = fj.split_blocks(models.model_blocks(settings["model"]), K, np.zeros((local, 32, 32, 3), np.float32),
+    blocks = models.model_blocks(settings["model"], split_unit=settings["split_unit"])
+    split = fj.split_blocks(blocks, K, np.zeros((local, 32, 32, 3), np.float32),
                             settings["boundaries"] if K > 1 else None, measure=settings["measure"])
     trainer = fj.Trainer(split.stages, cross_entropy, optax.sgd(0.05, momentum=0.9), mesh=mesh,
                          algorithm=algorithm, stash=stash, microbatches=M)
@@ -135,8 +137,9 @@ def run_worker(settings: dict) -> int:
 
 
 def measure_links(trainer, microbatches: int) -> dict:
-    """Between the processes: a ppermute of one stage message (rows of the widest boundary, one
-    micro-batch) and an all-reduce of the largest stage's float32 gradient; median seconds of 20."""
+    """Between the processes: a ppermute of one stage message to the next process (rows of the widest
+    boundary, one micro-batch; for 2 processes a swap, as one link phase of the FDBP tick) and an
+    all-reduce of the largest stage's float32 gradient; median seconds of 20."""
     import jax
     import numpy as np
     from jax.sharding import NamedSharding
@@ -170,7 +173,8 @@ def run_cost_worker(settings: dict) -> int:
     jax.config.update("jax_num_cpu_devices", 1)
     from fdbp_jax import costs, models
 
-    blocks, optimizer, shape = models.model_blocks(settings["model"]), costs.default_optimizer(), (32, 32, 3)
+    blocks = models.model_blocks(settings["model"], split_unit=settings["split_unit"])
+    optimizer, shape = costs.default_optimizer(), (32, 32, 3)
     result = {"bp_step": [[b, costs.measure_bp_step(blocks, shape, b, optimizer, settings["repeats"])]
                           for b in settings["bp_batches"]], "splits": {}}
     for boundaries in settings["splits"]:
@@ -219,7 +223,8 @@ def check_model(rows: list[dict], args) -> dict:
         raise SystemExit("--check-model needs the links, measured in the fdbp-recompute row: add it to --configs")
     splits = sorted({tuple(r["boundaries"]) for r in rows if r["algorithm"] != "bp"})
     micro = sorted({r["microbatches"] for r in rows})
-    settings = {"name": "costs", "mode": "costs", "model": args.model, "repeats": 5, "splits": [list(b) for b in splits],
+    settings = {"name": "costs", "mode": "costs", "model": args.model, "split_unit": args.split_unit, "repeats": 5,
+                "splits": [list(b) for b in splits],
                 "bp_batches": sorted({args.batch, args.batch // args.processes}),
                 "stage_batches": sorted({args.batch // m for m in micro})}
     twins = launch(settings, 1, list(range(args.processes)))
@@ -245,6 +250,9 @@ def main(argv=None) -> int:
                    help="where stages 1..P-1 start (default: split_blocks by --measure)")
     p.add_argument("--measure", default="time", choices=("time", "flops"),
                    help="what the split balances: seconds measured on each worker's device, or FLOPs")
+    p.add_argument("--split-unit", default="auto", choices=("auto", "block", "half-block"),
+                   help="what the cuts fall between: whole blocks, or halves of ResNet basic blocks (finer cuts; "
+                        "auto: halves for the ResNets, whole blocks otherwise)")
     p.add_argument("--check-model", action="store_true",
                    help="also predict every row with fdbp_jax.perf from curves measured on one worker and the links")
     p.add_argument("--out", default="runs/workers")
@@ -253,6 +261,8 @@ def main(argv=None) -> int:
     if args.worker:
         settings = json.loads(args.worker)
         return run_cost_worker(settings) if settings.get("mode") == "costs" else run_worker(settings)
+    if args.split_unit == "auto":
+        args.split_unit = "half-block" if args.model.startswith("resnet") else "block"
     names = args.configs.split(",")
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -261,7 +271,7 @@ def main(argv=None) -> int:
         p.error("--processes must be >= 2 and --batch divisible by processes x every --microbatches value")
     os.makedirs(args.out, exist_ok=True)
     base = {"model": args.model, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
-            "boundaries": args.boundaries, "measure": args.measure}
+            "boundaries": args.boundaries, "measure": args.measure, "split_unit": args.split_unit}
     rows, provenance = [], None
     for name in names:
         algorithm, workers, stash, micro = CONFIGS[name]
@@ -291,6 +301,7 @@ def main(argv=None) -> int:
     result = {"provenance": {**(provenance or {}), "processes": args.processes, "model": args.model,
                              "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
                              "boundaries": args.boundaries or f"split_blocks, measure={args.measure}",
+                             "split_unit": args.split_unit,
                              "data": "random normal images, fixed seed 0", "pinned": not on_gpu()},
               "rows": rows, "model": model}
     with open(os.path.join(args.out, "workers.json"), "w") as f:

@@ -8,7 +8,7 @@ from typing import Any
 
 from fdbp_jax.corrections import CORRECTIONS
 from fdbp_jax.data import DATASETS
-from fdbp_jax.models import MODELS, model_blocks
+from fdbp_jax.models import MODELS, SPLIT_UNITS, model_blocks
 from fdbp_jax.partition import MEASURES
 from fdbp_jax.engines import ALGORITHMS, STASH_MODES
 
@@ -53,6 +53,9 @@ class Config:
     boundaries: tuple | None = setting(None, "block indices where stages 1..K-1 start, e.g. 10,19,28 (default: cost-balanced)")
     split_by: str = setting("flops", "what the cost-balanced split balances: flops (counted, the same everywhere) or "
                                      "time (each block measured on this device: what balances real workers)")
+    split_unit: str = setting("block", "what stage boundaries fall between: block (whole residual blocks) or half-block "
+                                       "(each ResNet basic block cut between its convs, the shortcut travelling with "
+                                       "the activation: finer cuts that balance small K)")
     eval_batch_size: int = setting(1000, "examples per evaluation batch")
     log_every: int = setting(20, "ticks between train events in metrics.jsonl and TensorBoard")
     keep_checkpoints: int = setting(3, "how many recent checkpoints to keep")
@@ -105,11 +108,15 @@ def validate(config: Config) -> None:
     c = config
     choices = (("model", MODELS), ("dataset", DATASETS), ("algorithm", ALGORITHMS), ("schedule", SCHEDULES),
                ("dtype", DTYPES), ("stash", STASH_MODES), ("split_by", MEASURES),
+               ("split_unit", SPLIT_UNITS),
                ("correction", CORRECTIONS))
     for name, valid in choices:
         if getattr(c, name) not in valid:
-            raise ValueError(f"--{name} {getattr(c, name)}: unknown; valid: {', '.join(valid)}")
-    num_blocks = len(model_blocks(c.model))
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(c, name)}: unknown; valid: {', '.join(valid)}")
+    try:
+        num_blocks = len(model_blocks(c.model, split_unit=c.split_unit))
+    except ValueError as error:
+        raise ValueError(f"--split-unit {c.split_unit} with --model {c.model}: {error}") from None
     if not 1 <= c.stages <= num_blocks:
         raise ValueError(f"--stages {c.stages}: must be between 1 and {num_blocks} (the blocks of {c.model})")
     if c.data_parallel < 1:

@@ -59,12 +59,22 @@ def _random(shape, seed: int = 0) -> jax.Array:
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
+def _is_shape(value) -> bool:
+    return isinstance(value, tuple) and all(isinstance(n, int) for n in value)
+
+
+def _random_batch(shapes, batch: int, seed: int = 0):
+    """Random float32 inputs of `batch` examples: `shapes` is one per-example shape, or a pytree of them
+    (a pytree stage boundary such as a half block's {"h", "skip"})."""
+    return jax.tree.map(lambda shape: _random((batch, *shape), seed), shapes, is_leaf=_is_shape)
+
+
 def measure_stage(
     stage: Stage, k: int, num_stages: int, input_shape: tuple, batch: int, optimizer: optax.GradientTransformation,
     repeats: int, classes: int = 10,
 ) -> dict:
     """Seconds of stage k's training forward and of its whole tick work on `batch` examples."""
-    x = _random((batch, *input_shape))
+    x = _random_batch(input_shape, batch)
     params, model_state = split_variables(stage.init(jax.random.key(0), x))
     opt_state = optimizer.init(params)
     out = jax.eval_shape(lambda p, h: stage.apply(p, model_state, h, train=True)[0], params, x)
@@ -78,18 +88,18 @@ def measure_stage(
 
         tick_args = (params, opt_state, x)
     else:
-        output_grad = _random(out.shape, seed=1)
+        output_grad = jax.tree.map(lambda o: _random(o.shape, seed=1), out)
 
         def tick(p, o, h_new, h_old, g):
             y = stage.apply(p, model_state, h_new, train=True)[0]
             d_params, d_input, _ = delayed_grads(stage, p, model_state, h_old, g, k > 0)
             return y, d_input, *apply_update(optimizer, p, o, d_params)
 
-        tick_args = (params, opt_state, x, _random(x.shape, seed=2), output_grad)
+        tick_args = (params, opt_state, x, _random_batch(input_shape, batch, seed=2), output_grad)
     return {
         "forward": median_seconds(forward, params, x, repeats=repeats),
         "tick": median_seconds(jax.jit(tick), *tick_args, repeats=repeats),
-        "output_shape": out.shape[1:],
+        "output_shape": jax.tree.map(lambda o: tuple(o.shape[1:]), out),
         "params": params,
         "opt_state": opt_state,
     }
@@ -139,7 +149,8 @@ def measure_split(
         entry["tick"].append([batch, measured["tick"]])
         if entry["update_s"] is None:
             entry["update_s"] = measure_update(measured["params"], measured["opt_state"], optimizer, repeats)
-            entry["activation_elements"] = int(np.prod(measured["output_shape"]))
+            entry["activation_elements"] = sum(int(np.prod(shape)) for shape in
+                                               jax.tree.leaves(measured["output_shape"], is_leaf=_is_shape))
             entry["param_count"] = int(sum(leaf.size for leaf in jax.tree.leaves(measured["params"])))
         shape = measured["output_shape"]
 

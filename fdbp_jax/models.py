@@ -13,6 +13,7 @@ from fdbp_jax.stages import Stage
 from fdbp_jax.vit import cifar_vit
 
 RESNET_DEPTHS = (20, 32, 44, 56, 110)
+SPLIT_UNITS = ("block", "half-block")  # what a stage boundary may fall between: whole blocks, or block halves
 
 
 class ConvBN(nn.Module):
@@ -27,6 +28,22 @@ class ConvBN(nn.Module):
         return nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
 
 
+def option_a_shortcut(x, features: int, strides: int):
+    """He et al.'s option A for CIFAR: identity, or on downsampling subsample and zero-pad the channels."""
+    if strides == 1 and x.shape[-1] == features:
+        return x
+    extra = features - x.shape[-1]
+    return jnp.pad(x[:, ::strides, ::strides], ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+
+
+def second_conv(h, x, features: int, strides: int, train: bool):
+    """A basic block's second half: 3x3 conv, BatchNorm (zero-initialised scale), the shortcut of the
+    block's input `x` added, ReLU. Called inside a compact module, whose submodules it creates."""
+    y = nn.Conv(features, (3, 3), use_bias=False)(h)
+    y = nn.BatchNorm(use_running_average=not train, momentum=0.9, scale_init=nn.initializers.zeros)(y)
+    return nn.relu(y + option_a_shortcut(x, features, strides))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs with an identity shortcut; on downsampling the shortcut subsamples and
     zero-pads channels (He et al.'s option A for CIFAR, no extra parameters)."""
@@ -36,15 +53,30 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        y = ConvBN(self.features, self.strides)(x, train)
-        y = nn.Conv(self.features, (3, 3), use_bias=False)(y)
-        y = nn.BatchNorm(use_running_average=not train, momentum=0.9, scale_init=nn.initializers.zeros)(y)
-        shortcut = x
-        if self.strides != 1 or x.shape[-1] != self.features:
-            shortcut = x[:, :: self.strides, :: self.strides]
-            extra = self.features - x.shape[-1]
-            shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
-        return nn.relu(y + shortcut)
+        return second_conv(ConvBN(self.features, self.strides)(x, train), x, self.features, self.strides, train)
+
+
+class BasicBlockIn(nn.Module):
+    """A basic block's first half: conv-BN-ReLU, handing on its output and the block's input (for the
+    shortcut) as the boundary {"h", "skip"}."""
+
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return {"h": ConvBN(self.features, self.strides)(x, train), "skip": x}
+
+
+class BasicBlockOut(nn.Module):
+    """A basic block's second half, on the boundary {"h", "skip"} of `BasicBlockIn`."""
+
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return second_conv(x["h"], x["skip"], self.features, self.strides, train)
 
 
 class WideBlock(nn.Module):
@@ -119,8 +151,24 @@ MODELS: dict[str, Callable[[int], list[nn.Module]]] = {
 }
 
 
-def model_blocks(name: str, classes: int = 10) -> list[nn.Module]:
-    """The flat block sequence of a registered model."""
+def half_blocks(blocks: Sequence[nn.Module]) -> list[nn.Module]:
+    """`blocks` with every residual block cut into its two halves, so a stage boundary can fall inside
+    a block (finer cuts balance K=2 better); the network computes the same function."""
+    halved = [half for block in blocks for half in (
+        [BasicBlockIn(block.features, block.strides), BasicBlockOut(block.features, block.strides)]
+        if isinstance(block, BasicBlock) else [block])]
+    if len(halved) == len(blocks):
+        raise ValueError("these blocks have no residual block to cut in half (only the ResNets' basic blocks "
+                         "can be): use the whole blocks (--split-unit block)")
+    return halved
+
+
+def model_blocks(name: str, classes: int = 10, split_unit: str = "block") -> list[nn.Module]:
+    """The flat block sequence of a registered model; with ``split_unit="half-block"`` each residual
+    block is cut in two (`half_blocks`), so stage boundaries can fall inside one."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(MODELS)}")
-    return MODELS[name](classes)
+    if split_unit not in SPLIT_UNITS:
+        raise ValueError(f"split unit {split_unit!r} is not known: use one of {', '.join(SPLIT_UNITS)}")
+    blocks = MODELS[name](classes)
+    return half_blocks(blocks) if split_unit == "half-block" else blocks

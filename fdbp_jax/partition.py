@@ -124,8 +124,9 @@ def block_costs(blocks: Sequence[Any], example: jax.ShapeDtypeStruct,
             return vjp(jax.tree.map(jnp.ones_like, out))
 
         if measure == "time":
-            concrete = stage.init(jax.random.key(0), jnp.zeros(h.shape, h.dtype))
-            inputs = jnp.asarray(np.random.default_rng(i).normal(size=h.shape), h.dtype)
+            rng = np.random.default_rng(i)
+            concrete = stage.init(jax.random.key(0), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), h))
+            inputs = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), h)
             concrete_state = {name: value for name, value in concrete.items() if name != "params"}
             run = jax.jit(lambda p, s, x: (forward_backward(p, s, x),
                                            stage.apply(p, s, x, train=True, key=key)[0]))

@@ -60,12 +60,12 @@ class Diverged(RuntimeError):
 
 
 def model_split(config: Config) -> Split:
-    """The configured model cut into --stages stages: at --boundaries, or cost-balanced by --split-by
+    """The configured model (in --split-unit blocks) cut into --stages stages: at --boundaries, or cost-balanced by --split-by
     (`split_blocks`; "time" measures every block on this device, once per run)."""
     spec = data_lib.DATASETS[config.dataset]
     example = jax.ShapeDtypeStruct((config.batch_size // config.replicas, *spec.image_shape), np.float32)
-    return split_blocks(model_blocks(config.model, spec.classes), config.stages, example, config.boundaries,
-                        measure=config.split_by)
+    return split_blocks(model_blocks(config.model, spec.classes, config.split_unit), config.stages, example,
+                        config.boundaries, measure=config.split_by)
 
 
 def load_datasets(config: Config) -> tuple[data_lib.ArrayDataset, data_lib.ArrayDataset]:

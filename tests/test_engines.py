@@ -186,9 +186,10 @@ def test_gradients_are_averaged_in_one_collective_per_dtype(setup):
     trainer = setup.trainer(batch_norm=True)
     state = trainer.init(jax.random.key(0), xs[0])
     text = trainer.engine.lower(state, xs[0], ys[0]).as_text()
-    all_reduces = text.count("stablehlo.all_reduce")
+    metrics = 0 if setup.algorithm == "bp" else 1  # the pipelines' loss and flags: one psum along "stage"
+    all_reduces = text.count("stablehlo.all_reduce") - metrics
     assert 1 <= all_reduces <= 2, f"{all_reduces} all-reduces in one step"  # one per dtype: float32 (+ int32)
-    if setup.algorithm == "fdbp":  # one replica per stage: nothing to average, no collective
+    if setup.algorithm == "fdbp":  # one replica per stage: nothing to average, only the metrics' psum
         single = dataclasses.replace(setup, mesh=(1, K)).trainer(batch_norm=True)
         state = single.init(jax.random.key(0), xs[0])
-        assert "stablehlo.all_reduce" not in single.engine.lower(state, xs[0], ys[0]).as_text()
+        assert single.engine.lower(state, xs[0], ys[0]).as_text().count("stablehlo.all_reduce") == 1

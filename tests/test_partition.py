@@ -125,3 +125,55 @@ def test_split_blocks_can_balance_measured_time():
     assert "balance (mean/max stage time)" in str(split)
     with pytest.raises(ValueError, match="measure='watts' is not known"):
         fj.split_blocks(nnx_blocks(), 2, example, measure="watts")
+
+
+def whole_variables_to_halves(whole: dict, blocks: list) -> dict:
+    """The variables of `models.Blocks(blocks)` for the same network in half blocks: a basic block's
+    conv-BN-ReLU goes to its first half, its second conv and BN to its second half."""
+    halves, out = {name: {} for name in whole}, 0
+    for i, block in enumerate(blocks):
+        for name, tree in whole.items():
+            if f"blocks_{i}" not in tree:  # the head has no batch_stats
+                continue
+            block_vars = tree[f"blocks_{i}"]
+            if isinstance(block, models.BasicBlock):
+                halves[name][f"blocks_{out}"] = {"ConvBN_0": block_vars["ConvBN_0"]}
+                halves[name][f"blocks_{out + 1}"] = {k: v for k, v in block_vars.items() if k != "ConvBN_0"}
+            else:
+                halves[name][f"blocks_{out}"] = block_vars
+        out += 2 if isinstance(block, models.BasicBlock) else 1
+    return halves
+
+
+def test_half_blocks_compute_what_the_whole_blocks_compute():
+    whole_blocks = models.model_blocks("resnet20")
+    halved = models.model_blocks("resnet20", split_unit="half-block")
+    assert len(halved) == 2 * len(whole_blocks) - 2  # the stem and the head stay whole
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 3)), jnp.float32)
+    whole = models.Blocks(tuple(whole_blocks)).init(jax.random.key(0), x)
+    leaves, treedef = jax.tree.flatten(whole)  # random weights: the zero-initialised BN scales would hide a bug
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    whole = jax.tree.unflatten(treedef, [leaf + 0.1 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
+    halves = whole_variables_to_halves(whole, whole_blocks)
+    expected, expected_state = models.Blocks(tuple(whole_blocks)).apply(whole, x, True, mutable=["batch_stats"])
+    got, got_state = models.Blocks(tuple(halved)).apply(halves, x, True, mutable=["batch_stats"])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    expected_state = whole_variables_to_halves(expected_state, whole_blocks)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got_state, expected_state)
+    with pytest.raises(ValueError, match="no residual block to cut in half"):
+        models.model_blocks("cnn", split_unit="half-block")
+
+
+def test_a_cut_inside_a_residual_block_trains_on_the_mesh_as_in_the_emulator():
+    """K=2 cut between a basic block's convs: the boundary {h, skip} travels packed, and the mesh
+    equals the emulator."""
+    from test_engine import mesh_and_emulator
+
+    blocks = models.half_blocks([models.ConvBN(4), models.BasicBlock(8, 2), models.Head(10)])
+    split = fj.split_blocks(blocks, 2, jax.ShapeDtypeStruct((8, 8, 8, 3), jnp.float32), boundaries=[2])
+    assert [type(b).__name__ for b in split.stages[1].blocks] == ["BasicBlockOut", "Head"]
+    (emulator, state, emu_losses), (engine, mesh_state, mesh_losses), _, _ = mesh_and_emulator(
+        2, 1, "sgd_momentum", 1.0, ticks=5, stages=split.stages)
+    np.testing.assert_allclose(mesh_losses, emu_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 engine.stage_variables(mesh_state), emulator.stage_variables(state))

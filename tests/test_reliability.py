@@ -33,6 +33,10 @@ BAD_INPUT = [
     (["--correction", "guess"], "--correction guess: unknown; valid: none, predict, lookahead"),
     (["--algorithm", "bp", "--correction", "predict"], "--correction predict: corrects FDBP's stale gradients, not "
                                                        "--algorithm bp; use --correction none"),
+    (["--split-unit", "layer"], "--split-unit layer: unknown; valid: block, half-block"),
+    (["--split-unit", "half-block"], "--split-unit half-block with --model cnn: these blocks have no residual block "
+                                     "to cut in half (only the ResNets' basic blocks can be): use the whole blocks "
+                                     "(--split-unit block)"),
     (["--microbatches", "2"], "--microbatches 2: only the synchronous pipelines (--algorithm gpipe or 1f1b) split"),
     (["--algorithm", "gpipe", "--microbatches", "0"], "--microbatches 0: must be >= 1"),
     (["--algorithm", "1f1b", "--microbatches", "3"], "--batch-size 16: must be a multiple of --data-parallel 2 x "

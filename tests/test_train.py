@@ -109,6 +109,15 @@ def test_show_split_prints_stages(capsys):
     assert out.count("BasicBlock") >= 4 and "balance (mean/max stage FLOPs)" in out
 
 
+def test_show_split_can_cut_inside_residual_blocks(capsys):
+    """--split-unit half-block: ResNet-20 as 20 blocks (stem, 9 x 2 halves, head), and a boundary can fall
+    between a basic block's convs (block 6: inside the third basic block)."""
+    flags = ["--model", "resnet20", "--stages", "2", "--split-unit", "half-block", "--show-split"]
+    assert cli.main([*flags, "--boundaries", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "0-5" in out and "ConvBN .. BasicBlockIn" in out and "6-19" in out and "BasicBlockOut .. Head" in out, out
+
+
 def test_presets_are_valid_configs():
     assert PRESETS["paper"]["model"] == "resnet56" and PRESETS["paper"]["step_epochs"] == (150, 225, 275)
     for values in PRESETS.values():

@@ -162,8 +162,11 @@ def stage_switch(mesh: Mesh, branches: Sequence[Callable]) -> Callable:
 
 def stage_metrics(loss: jax.Array, nonfinite: jax.Array, num_stages: int):
     """(the last stage's loss, every stage's nonfinite flag), replicated on every device so every
-    process can read them: one all_gather along "stage" (each collective costs a latency)."""
-    rows = jax.lax.all_gather(jnp.stack([loss.astype(jnp.float32), nonfinite.astype(jnp.float32)]), "stage")
+    process can read them: one psum along "stage" of each stage's row placed at its index, zeros
+    elsewhere (exact; an all_gather of the same rows costs 30x the latency over gloo: 3.6 vs 0.13 ms)."""
+    row = jnp.stack([loss.astype(jnp.float32), nonfinite.astype(jnp.float32)])
+    own = (jnp.arange(num_stages) == jax.lax.axis_index("stage"))[:, None]
+    rows = jax.lax.psum(jnp.where(own, row[None, :], 0.0), "stage")
     return rows[num_stages - 1, 0], rows[:, 1] > 0
 
 

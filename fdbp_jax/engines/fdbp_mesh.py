@@ -2,7 +2,8 @@
 the devices of mesh column k (`_mesh_layer.py`: packing, stage switch, inference).
 
 One jitted tick runs a `shard_map` in which every device executes only its own stage. Activations
-(with their labels) move to stage k+1 and input-gradients to stage k-1 by `ppermute` along "stage";
+move to stage k+1 and input-gradients to stage k-1 as swaps over the links between neighbours
+(`_link_swap.py`: one `ppermute` per phase carries both directions), the labels by their own `ppermute`;
 parameter gradients are averaged by `pmean` along "data".
 
 The stash of in-flight forwards stays on device. With ``stash="recompute"`` (default) it holds each
@@ -34,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 from fdbp_jax import schedule
 from fdbp_jax.corrections import Correction, NoCorrection
 from fdbp_jax.distributed import place
+from fdbp_jax.engines import _link_swap
 from fdbp_jax.engines._flat import FlatLayout, mean_over, padded_sizes
 from fdbp_jax.engines._mesh_layer import (
     STAGE,
@@ -73,9 +75,10 @@ class EngineState:
     due_stash: dict  # dtype -> (K, N, W)
     due_params: dict  # "recompute" only, dtype -> (K, P)
     due_model_state: dict  # "recompute" only, dtype -> (K, M)
-    act_msg: jax.Array  # (K, N, b, A): activation arriving at stage k this tick
-    label_msg: jax.Array  # (K, N, b, ...): its labels
-    grad_msg: jax.Array  # (K, N, b, A): input-gradient arriving at stage k this tick
+    # per link phase (`_link_swap`), (K, N, b, A): what stage k's partner on that phase's link sent it
+    # last tick, the activation from k-1 or the input-gradient from k+1
+    messages: tuple
+    label_msg: jax.Array  # (K, N, b, ...): the labels of the activation arriving at stage k
 
 
 def write_row(ring: jax.Array, row: jax.Array, slot: jax.Array) -> jax.Array:
@@ -95,11 +98,10 @@ def read_row(ring: jax.Array, slot: jax.Array) -> jax.Array:
 
 
 class Inbox(NamedTuple):
-    """The messages arriving at a stage device this tick, (b, A) rows and the labels."""
+    """The messages arriving at a stage device this tick: (b, A) rows per link phase, and the labels."""
 
-    activation: jax.Array
+    messages: tuple
     labels: jax.Array
-    gradient: jax.Array
 
 
 class Weights(NamedTuple):
@@ -176,9 +178,8 @@ class MeshEngine(StagedMeshEngine):
             due_stash=due_row(rings["stash"]),
             due_params=due_row(rings["stash_params"]),
             due_model_state=due_row(rings["stash_model_state"]),
-            act_msg=message(),
+            messages=tuple(message() for _ in range(_link_swap.link_phases(K))),
             label_msg=np.zeros((K, N, *label.shape), label.dtype),
-            grad_msg=message(),
         )
         specs = self.state_specs(state)
         self._step = jax.jit(
@@ -234,9 +235,8 @@ class MeshEngine(StagedMeshEngine):
             due_stash=jax.tree.map(lambda _: STAGE_DATA, state.due_stash),
             due_params=per_stage(state.due_params),
             due_model_state=per_stage(state.due_model_state),
-            act_msg=STAGE_DATA,
+            messages=tuple(STAGE_DATA for _ in state.messages),
             label_msg=STAGE_DATA,
-            grad_msg=STAGE_DATA,
         )
 
     # ---- inside shard_map: local blocks of one device --------------------------------------
@@ -251,11 +251,11 @@ class MeshEngine(StagedMeshEngine):
         depth = stage_table([schedule.stash_depth(k, K) for k in range(K)], stage_index)
         delay = stage_table([schedule.stage_delay(k, K) for k in range(K)], stage_index)
         slot, due_slot = t % depth, (t + 1 - delay) % depth  # this tick's forward; the next tick's backward
-        act_out, labels_out, grad_out, stash_entry, forward_params, grads, fwd_state, loss = stage_switch(
+        outbox, labels_out, stash_entry, forward_params, grads, fwd_state, loss = stage_switch(
             self.mesh, [partial(self._stage_work, k) for k in range(K)]
         )(
             stage_index, t, jax.lax.axis_index("data"), Weights(params, model_state, opt_state), x, y,
-            Inbox(state.act_msg[0, 0], state.label_msg[0, 0], state.grad_msg[0, 0]),
+            Inbox(tuple(m[0, 0] for m in state.messages), state.label_msg[0, 0]),
             Due(local_replica(state.due_stash), due_params, due_state),
         )
         (grads, loss), fwd_state = mean_over("data", (grads, loss), fwd_state)
@@ -272,7 +272,6 @@ class MeshEngine(StagedMeshEngine):
             rings["stash_model_state"] = jax.tree.map(partial(write_row, slot=slot), rings["stash_model_state"], model_state)
         due = lambda ring: jax.tree.map(partial(read_row, slot=due_slot), ring)
         forward_pairs = [(k, k + 1) for k in range(K - 1)]
-        backward_pairs = [(k + 1, k) for k in range(K - 1)]
         new_state = with_stage_axis(EngineState(  # every per-stage leaf gets back its local "stage" axis
             tick=None,
             params=new_params,
@@ -284,9 +283,8 @@ class MeshEngine(StagedMeshEngine):
             due_stash=None,
             due_params=None,
             due_model_state=None,
-            act_msg=jax.lax.ppermute(act_out, "stage", forward_pairs)[None],
+            messages=tuple(m[None] for m in _link_swap.swap(outbox, K)),
             label_msg=jax.lax.ppermute(labels_out, "stage", forward_pairs)[None],
-            grad_msg=jax.lax.ppermute(grad_out, "stage", backward_pairs)[None],
         )).replace(  # the rings and their due rows keep the local block shapes they arrived in
             tick=t + 1, **rings, due_stash=due(rings["stash"]), due_params=due(rings["stash_params"]),
             due_model_state=due(rings["stash_model_state"]),
@@ -301,13 +299,14 @@ class MeshEngine(StagedMeshEngine):
         common shapes."""
         packed, work = self.packed, self.stage_ticks[k]
         params, model_state = packed.params(k, weights.params), packed.model_state(k, weights.model_state)
-        x_in = x if k == 0 else packed.from_message(inbox.activation, k)
+        activation_in, gradient_in = _link_swap.inbox(k, self.num_stages, inbox.messages)
+        x_in = x if k == 0 else packed.from_message(activation_in, k)
         labels = y if k == 0 else inbox.labels
         no_message = packed.no_message(x_in.shape[0])
         forward_params = weights.params if self.correction.moves_forward_weights else {}  # {}: the params, outside
         if work.is_last:  # delay 0: loss and gradients at once, nothing to stash
             loss, fwd_state, grads, input_grad = work.last(t, replica, params, model_state, x_in, labels)
-            act_out, labels_out = no_message, jnp.zeros_like(labels)
+            outputs, labels_out = None, jnp.zeros_like(labels)
             entry = {d: jnp.zeros((width,), d) for d, width in self.stash_sizes.items()}
         else:
             if self.correction.moves_forward_weights:
@@ -322,7 +321,7 @@ class MeshEngine(StagedMeshEngine):
                     raise RuntimeError(f"stage {k}: VJP residuals differ between init and tick tracing")
                 entry = layout.pack(leaves, self.stash_sizes)
                 # the pullback of the forward this stage ran stage_delay ticks ago, from its residuals
-                output_grad = work.output_grad(packed.from_message(inbox.gradient, k + 1))
+                output_grad = work.output_grad(packed.from_message(gradient_in, k + 1))
                 cotangents = jax.tree.unflatten(treedef, layout.unpack(stashed.due_entry))(output_grad)
                 grads, input_grad = cotangents if k > 0 else (cotangents[0], None)
             else:
@@ -331,13 +330,12 @@ class MeshEngine(StagedMeshEngine):
                 (used_input,) = layout.unpack(stashed.due_entry)
                 due = Stashed(packed.params(k, stashed.due_params), packed.model_state(k, stashed.due_model_state),
                               used_input)
-                grads, input_grad = work.backward(t, replica, due, packed.from_message(inbox.gradient, k + 1))
-            act_out, labels_out, loss = packed.to_message(outputs), labels, 0.0
-        grad_out = no_message if input_grad is None else packed.to_message(input_grad)
+                grads, input_grad = work.backward(t, replica, due, packed.from_message(gradient_in, k + 1))
+            labels_out, loss = labels, 0.0
+        message = lambda h: no_message if h is None else packed.to_message(h)
         return (
-            act_out,
+            _link_swap.outbox(k, self.num_stages, message(outputs), message(input_grad), no_message),
             labels_out,
-            grad_out,
             entry,
             forward_params,
             packed.pack_params(k, grads),
