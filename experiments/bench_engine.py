@@ -6,7 +6,8 @@
 For ResNet-20 and an MLP: wall time per training example of one FDBP tick on a (2, 4) mesh (every
 stash mode), of one GPipe and one 1F1B step on the same mesh (each --microbatches M), and of one
 BP step on (8, 1) and on (2, 4), all in this process, median of --steps steps after warm-up; each
-compiled step's per-device memory (`memory_analysis`); FDBP's stash growth with K; the bytes sent
+compiled step's per-device memory (`memory_analysis`); BP on (8, 1) at FDBP's per-device batch (global 4x);
+FDBP's stash growth with K; the bytes sent
 between stages per tick; and the speed model's predicted vs measured tick. Writes <out>/bench.json.
 The last line printed is the ResNet-20 ratio FDBP (fastest stash) / best BP.
 """
@@ -148,6 +149,17 @@ def main(argv=None) -> int:
         for mode in STASH_MODES:
             row[f"ratio {mode}"] = row[f"fdbp (2,4) {mode}"]["step_s"] / best_bp
         row["fastest stash"] = min(STASH_MODES, key=lambda mode: row[f"ratio {mode}"])
+        # BP on (8,1) at FDBP's per-device batch (global 4x): how much of the ratio is this machine's
+        # per-example cost growing with the per-device batch, and how much is FDBP's own
+        wide = np.concatenate([x] * 4), np.concatenate([y] * 4)
+        _, step_s, _ = timed_steps(fj.Trainer(stages, cross_entropy, opt, mesh=fj.make_mesh(8, 1), algorithm="bp"),
+                                   *wide, args.steps)
+        row["bp (8,1) at FDBP's per-device batch"] = {"global_batch": 4 * args.batch, "us_per_example":
+                                                      1e6 * step_s / (4 * args.batch)}
+        row["ratio at the same per-device batch"] = {
+            mode: row[f"fdbp (2,4) {mode}"]["step_s"] / args.batch / (step_s / (4 * args.batch)) for mode in STASH_MODES}
+        print(f"{name:9s} bp (8,1) at global batch {4 * args.batch} ({args.batch // 2} per device): "
+              f"{1e6 * step_s / (4 * args.batch):8.1f} us/example", flush=True)
         stash_growth = {}
         for K in (2, 4, 8):
             if K > len(blocks):
@@ -171,7 +183,9 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)
     for name, row in ((n, r) for n, r in results.items() if n != "provenance"):
-        print(f"{name}: FDBP/BP time per example = " + ", ".join(f"{row[f'ratio {m}']:.3f} ({m})" for m in STASH_MODES))
+        print(f"{name}: FDBP/BP time per example = " + ", ".join(f"{row[f'ratio {m}']:.3f} ({m})" for m in STASH_MODES)
+              + "; at the same per-device batch " + ", ".join(
+                  f"{row['ratio at the same per-device batch'][m]:.3f} ({m})" for m in STASH_MODES))
     if ratio is not None:
         print(f"resnet20 FDBP (2,4), fastest stash, / best BP per-example time ratio: {ratio:.3f}")
     return 0
