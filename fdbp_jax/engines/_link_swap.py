@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 
 
 def link_phases(num_stages: int) -> int:
@@ -50,3 +51,19 @@ def swap(messages: Sequence[jax.Array], num_stages: int, axis: str = "stage") ->
         pairs = [pair for lower, upper in links for pair in ((lower, upper), (upper, lower))]
         received.append(jax.lax.ppermute(message, axis, pairs))
     return received
+
+
+def swap_at(stage_index: jax.Array, num_stages: int, activation: jax.Array, gradient: jax.Array,
+            axis: str = "stage") -> tuple[jax.Array, jax.Array]:
+    """The same exchange for an engine whose device only knows its stage at run time (inside shard_map):
+    each phase's message is picked by the parity of `stage_index`. Returns (the activation from k-1, the
+    input-gradient from k+1); where a stage has no such neighbour the rows are zeros or its other message,
+    which the caller ignores."""
+    phases = link_phases(num_stages)
+    if phases == 0:
+        return jnp.zeros_like(activation), jnp.zeros_like(gradient)
+    odd = stage_index % 2 == 1
+    received = swap([jnp.where(odd == bool(phase), activation, gradient) for phase in range(phases)], num_stages, axis)
+    if phases == 1:
+        return received[0], received[0]
+    return jnp.where(odd, received[0], received[1]), jnp.where(odd, received[1], received[0])

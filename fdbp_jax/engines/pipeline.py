@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from fdbp_jax.distributed import place
+from fdbp_jax.engines import _link_swap
 from fdbp_jax.engines._flat import mean_over
 from fdbp_jax.engines._mesh_layer import (
     STAGE,
@@ -143,7 +144,8 @@ class PipelineEmulator(SingleDeviceEngine):
 class MeshPipeline(StagedMeshEngine):
     """A synchronous pipeline on a ("data", "stage") mesh: one jitted step, a loop over the
     timetable's ticks inside a `shard_map`; each tick every device runs its stage's operation,
-    then activations move to stage k+1 and input-gradients to stage k-1 by `ppermute`."""
+    then activations move to stage k+1 and input-gradients to stage k-1, both directions of a link in
+    one `ppermute` (`_link_swap.swap_at`)."""
 
     def __init__(self, stages: Sequence[Stage], loss_fn: LossFn, optimizers: Sequence[optax.GradientTransformation],
                  timetable: Timetable, mesh: Mesh, skip_nonfinite: bool = False):
@@ -205,11 +207,12 @@ class MeshPipeline(StagedMeshEngine):
                 carry["grads"],
             )
             backward = kind == BACKWARD_CODE
+            act_in, grad_in = _link_swap.swap_at(stage_index, K, act_out, grad_out)
             carry = dict(
-                activations=self._receive(carry["activations"], act_out, t, kinds, micros, stage_index - 1,
-                                          FORWARD_CODE, [(k, k + 1) for k in range(K - 1)]),
-                output_grads=self._receive(carry["output_grads"], grad_out, t, kinds, micros, stage_index + 1,
-                                           BACKWARD_CODE, [(k + 1, k) for k in range(K - 1)]),
+                activations=self._receive(carry["activations"], act_in, t, kinds, micros, stage_index - 1,
+                                          FORWARD_CODE),
+                output_grads=self._receive(carry["output_grads"], grad_in, t, kinds, micros, stage_index + 1,
+                                           BACKWARD_CODE),
                 grads=grads,
                 states=jax.tree.map(lambda buf, s: buf.at[m].set(jnp.where(backward, s, buf[m])),
                                     carry["states"], new_state),
@@ -231,9 +234,8 @@ class MeshPipeline(StagedMeshEngine):
             dict(params=new_params, model_state=new_model_state, opt_state=new_opt_state)))
         return new, loss, nonfinite, state.tick
 
-    def _receive(self, buffer, sent, t, kinds, micros, sender, kind, pairs):
+    def _receive(self, buffer, arriving, t, kinds, micros, sender, kind):
         """Store what `sender` (a neighbouring stage) sent this tick, if it ran an operation of `kind`."""
-        arriving = jax.lax.ppermute(sent, "stage", pairs)
         K = len(self.stages)
         valid = (sender >= 0) & (sender < K)
         sender = jnp.clip(sender, 0, K - 1)
