@@ -20,6 +20,9 @@ from fdbp_jax.optim import lr_schedule
 
 UNREADABLE = "unreadable-checkpoints"  # where restore moves checkpoints it cannot read (kept, never deleted)
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", UNREADABLE)
+# the layout of the engine state a checkpoint holds: 2 since the FDBP mesh keeps one message per link
+# phase (`engines/_link_swap.py`) instead of an activation and a gradient message
+STATE_FORMAT = 2
 
 
 class Checkpoints:
@@ -45,6 +48,7 @@ class Checkpoints:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict) -> None:
+        meta = {**meta, "state_format": STATE_FORMAT}
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
         self.manager.wait_until_finished()
 
@@ -73,6 +77,11 @@ class Checkpoints:
                 if differences:
                     raise ValueError(f"--resume: the checkpoint {step} in {self.manager.directory} was made with other "
                                      "settings: " + "; ".join(differences))
+                if meta.get("state_format", 1) != STATE_FORMAT:
+                    raise ValueError(f"--resume: the checkpoint {step} in {self.manager.directory} holds engine state "
+                                     f"format {meta.get('state_format', 1)}, written by an older fdbp_jax; this one "
+                                     f"reads format {STATE_FORMAT}: resume it with the version that wrote it, or start "
+                                     "a new --workdir")
                 try:
                     state = self.restore_state(step, like)
                 except Exception as err:
