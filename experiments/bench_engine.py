@@ -87,7 +87,8 @@ def engine_memory(trainer, state, compiled: dict) -> dict:
         "stash_due_rows": per_device_bytes((state.due_stash, state.due_params, state.due_model_state)),
         "messages": per_device_bytes((state.messages, state.label_msg)),
         "temporaries": compiled["temp"],
-        "bytes_sent_per_tick_per_device": len(state.messages) * local_batch * plan.message_width * plan.message_dtype.itemsize,
+        "bytes_sent_per_tick_per_device": (len(state.messages) * local_batch * plan.message_width
+                                           * plan.message_dtype.itemsize),
         "message_padding_share": 1 - (sum(real) / len(real)) / plan.message_width if real else 0.0,
     }
 

@@ -261,8 +261,11 @@ def main(argv=None) -> int:
     if args.worker:
         settings = json.loads(args.worker)
         return run_cost_worker(settings) if settings.get("mode") == "costs" else run_worker(settings)
-    if args.split_unit == "auto":
-        args.split_unit = "half-block" if args.model.startswith("resnet") else "block"
+    if args.split_unit == "auto":  # halves where the model has blocks `models.half_blocks` can cut
+        from fdbp_jax import models
+
+        halvable = any(isinstance(b, models.BasicBlock) for b in models.model_blocks(args.model))
+        args.split_unit = "half-block" if halvable else "block"
     names = args.configs.split(",")
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:

@@ -10,8 +10,9 @@ import os
 from typing import Sequence
 
 # settings that say which method ran, not which recipe: a BP and an FDBP run differing only here are a pair
-METHOD_SETTINGS = ("algorithm", "stages", "boundaries", "split_unit", "staleness_power", "staleness_warmup", "correction", "shrink",
-                   "emulate", "keep_checkpoints", "log_every", "eval_batch_size", "skip_nonfinite", "tensorboard")
+METHOD_SETTINGS = ("algorithm", "stages", "boundaries", "split_unit", "staleness_power", "staleness_warmup",
+                   "correction", "shrink", "emulate", "keep_checkpoints", "log_every", "eval_batch_size",
+                   "skip_nonfinite", "tensorboard")
 
 
 @dataclasses.dataclass

@@ -60,8 +60,8 @@ class Diverged(RuntimeError):
 
 
 def model_split(config: Config) -> Split:
-    """The configured model (in --split-unit blocks) cut into --stages stages: at --boundaries, or cost-balanced by --split-by
-    (`split_blocks`; "time" measures every block on this device, once per run)."""
+    """The configured model (in --split-unit blocks) cut into --stages stages: at --boundaries, or
+    cost-balanced by --split-by (`split_blocks`; "time" measures every block on this device, once per run)."""
     spec = data_lib.DATASETS[config.dataset]
     example = jax.ShapeDtypeStruct((config.batch_size // config.replicas, *spec.image_shape), np.float32)
     return split_blocks(model_blocks(config.model, spec.classes, config.split_unit), config.stages, example,

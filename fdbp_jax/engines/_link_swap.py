@@ -17,9 +17,9 @@ def link_phases(num_stages: int) -> int:
     return min(2, num_stages - 1)
 
 
-def sends_up(k: int, phase: int) -> bool:
-    """Whether stage k is the lower end of its link in `phase` (it sends its activation to k+1), rather than
-    the upper end (it sends its input-gradient to k-1)."""
+def sends_up(k, phase: int):
+    """Whether stage k (an int, or a traced stage index) is the lower end of its link in `phase` (it
+    sends its activation to k+1), rather than the upper end (it sends its input-gradient to k-1)."""
     return k % 2 == phase
 
 
@@ -62,8 +62,9 @@ def swap_at(stage_index: jax.Array, num_stages: int, activation: jax.Array, grad
     phases = link_phases(num_stages)
     if phases == 0:
         return jnp.zeros_like(activation), jnp.zeros_like(gradient)
-    odd = stage_index % 2 == 1
-    received = swap([jnp.where(odd == bool(phase), activation, gradient) for phase in range(phases)], num_stages, axis)
+    received = swap([jnp.where(sends_up(stage_index, phase), activation, gradient) for phase in range(phases)],
+                    num_stages, axis)
     if phases == 1:
         return received[0], received[0]
+    odd = stage_index % 2 == 1  # its activation arrives in phase (k-1) % 2, its gradient in phase k % 2
     return jnp.where(odd, received[0], received[1]), jnp.where(odd, received[1], received[0])
