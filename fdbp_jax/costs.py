@@ -30,7 +30,8 @@ import numpy as np
 import optax
 
 from fdbp_jax import models, partition
-from fdbp_jax.perf import median_seconds
+from fdbp_jax.engines._cpu_convolutions import fast_convolutions
+from fdbp_jax.perf import median_seconds, random_inputs
 from fdbp_jax.stages import Stage, apply_update, backprop_grads, delayed_grads, last_stage_grads, split_variables
 from fdbp_jax.losses import cross_entropy
 
@@ -55,10 +56,6 @@ def default_optimizer() -> optax.GradientTransformation:
     return optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
 
 
-def _random(shape, seed: int = 0) -> jax.Array:
-    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
-
-
 def _is_shape(value) -> bool:
     return isinstance(value, tuple) and all(isinstance(n, int) for n in value)
 
@@ -66,7 +63,8 @@ def _is_shape(value) -> bool:
 def _random_batch(shapes, batch: int, seed: int = 0):
     """Random float32 inputs of `batch` examples: `shapes` is one per-example shape, or a pytree of them
     (a pytree stage boundary such as a half block's {"h", "skip"})."""
-    return jax.tree.map(lambda shape: _random((batch, *shape), seed), shapes, is_leaf=_is_shape)
+    return random_inputs(jax.tree.map(lambda shape: jax.ShapeDtypeStruct((batch, *shape), jnp.float32), shapes,
+                                      is_leaf=_is_shape), seed)
 
 
 def measure_stage(
@@ -88,7 +86,7 @@ def measure_stage(
 
         tick_args = (params, opt_state, x)
     else:
-        output_grad = jax.tree.map(lambda o: _random(o.shape, seed=1), out)
+        output_grad = random_inputs(out, seed=1)
 
         def tick(p, o, h_new, h_old, g):
             y = stage.apply(p, model_state, h_new, train=True)[0]
@@ -98,7 +96,7 @@ def measure_stage(
         tick_args = (params, opt_state, x, _random_batch(input_shape, batch, seed=2), output_grad)
     return {
         "forward": median_seconds(forward, params, x, repeats=repeats),
-        "tick": median_seconds(jax.jit(tick), *tick_args, repeats=repeats),
+        "tick": median_seconds(jax.jit(fast_convolutions(tick, jax.default_backend())), *tick_args, repeats=repeats),
         "output_shape": jax.tree.map(lambda o: tuple(o.shape[1:]), out),
         "params": params,
         "opt_state": opt_state,
@@ -117,7 +115,7 @@ def measure_bp_step(
 ) -> float:
     """Seconds of one synchronous BP step (gradients of the whole model + update) on `batch` examples."""
     stage = Stage(models.Blocks(tuple(blocks)))
-    x = _random((batch, *input_shape))
+    x = _random_batch(input_shape, batch)
     params, model_state = split_variables(stage.init(jax.random.key(0), x))
     opt_state = optimizer.init(params)
     labels = jnp.asarray(np.arange(batch) % classes, jnp.int32)
@@ -126,7 +124,8 @@ def measure_bp_step(
         _, _, (d_params,) = backprop_grads([stage], cross_entropy, [p], [model_state], h, labels)
         return apply_update(optimizer, p, o, d_params)
 
-    return median_seconds(jax.jit(step), params, opt_state, x, repeats=repeats)
+    return median_seconds(jax.jit(fast_convolutions(step, jax.default_backend())), params, opt_state, x,
+                          repeats=repeats)
 
 
 def new_split(boundaries: Sequence[int]) -> dict:

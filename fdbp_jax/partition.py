@@ -16,7 +16,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from fdbp_jax.models import Blocks
-from fdbp_jax.perf import median_seconds
+from fdbp_jax.engines._cpu_convolutions import fast_convolutions
+from fdbp_jax.perf import median_seconds, random_inputs
 from fdbp_jax.stages import as_stage, trace_shapes
 
 
@@ -124,12 +125,12 @@ def block_costs(blocks: Sequence[Any], example: jax.ShapeDtypeStruct,
             return vjp(jax.tree.map(jnp.ones_like, out))
 
         if measure == "time":
-            rng = np.random.default_rng(i)
             concrete = stage.init(jax.random.key(0), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), h))
-            inputs = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), h)
+            inputs = random_inputs(h, seed=i)
             concrete_state = {name: value for name, value in concrete.items() if name != "params"}
-            run = jax.jit(lambda p, s, x: (forward_backward(p, s, x),
-                                           stage.apply(p, s, x, train=True, key=key)[0]))
+            run = jax.jit(fast_convolutions(lambda p, s, x: (forward_backward(p, s, x),
+                                                             stage.apply(p, s, x, train=True, key=key)[0]),
+                                            jax.default_backend()))
             costs.append(median_seconds(run, concrete["params"], concrete_state, inputs, repeats=5))
         else:
             # counted by XLA:CPU on the lowered HLO, whatever the default backend: compiled GPU code hides

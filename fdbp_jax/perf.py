@@ -21,6 +21,8 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +177,13 @@ def time_steps(trainer: Any, state: Any, x, y, steps: int, warmup: int = 3) -> t
         seconds, state = timed(state)
         samples.append(seconds)
     return first, statistics.median(samples), state
+
+
+def random_inputs(shapes, seed: int = 0):
+    """Standard-normal arrays for a pytree of ShapeDtypeStructs (one stage input, or a pytree boundary
+    such as a half block's {"h", "skip"}), drawn leaf by leaf from one seeded generator: timing inputs."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype), shapes)
 
 
 def median_seconds(fn: Callable, *args, repeats: int = 20, warmup: int = 2) -> float:

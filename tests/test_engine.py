@@ -69,10 +69,10 @@ CANONICAL_CONV = "[b, 0, 1, f]x[0, 1, i, o]->[b, 0, 1, f]"
 
 @pytest.mark.parametrize("stash", fj.engines.STASH_MODES)
 def test_stage_branches_as_accelerators_compile_them_match_emulator(stash, monkeypatch):
-    """Without the CPU-only conv rewrite (`engines/_canonical_conv.py`) the mesh runs the raw `lax.switch`
+    """Without the CPU-only conv rewrite (`engines/_cpu_convolutions.py`) the mesh runs the raw `lax.switch`
     branches a GPU or TPU compiles (non-canonical backward convolutions, slow on CPU, so a tiny model):
     the same numbers as the emulator, for every stash."""
-    monkeypatch.setattr(_mesh_layer, "canonical_convolutions", lambda branch: branch)
+    monkeypatch.setattr(_mesh_layer, "fast_convolutions", lambda branch, platform: branch)
     (emulator, state, emu_losses), (engine, mesh_state, mesh_losses), _, xs = mesh_and_emulator(
         2, 2, "sgd_momentum", 1.0, batch_norm=True, ticks=5, stash=stash
     )

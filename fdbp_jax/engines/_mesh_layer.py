@@ -5,7 +5,7 @@ Stages differ in parameter, optimizer-state and activation shapes, but inside `s
 device must hold same-shaped blocks, so each stage's trees are packed into padded flat vectors
 (`_flat.py`) and activations into padded rows (`PackedStages`). A device picks its stage's code
 with `lax.switch` on its "stage" index (`stage_switch`); on CPU the branches are re-traced with
-canonical convolutions (`_canonical_conv.py`). Inference (`make_predict`) and reading the variables
+XLA:CPU's fast convolutions (`_cpu_convolutions.py`). Inference (`make_predict`) and reading the variables
 back (`PackedStages.stage_variables`) are the same for every schedule.
 """
 
@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fdbp_jax.distributed import place, to_host
-from fdbp_jax.engines._canonical_conv import canonical_convolutions
+from fdbp_jax.engines._cpu_convolutions import fast_convolutions
 from fdbp_jax.engines._flat import FlatLayout, pad_rows, pad_to_multiple, padded_sizes, stack_packed, unpad_rows
 from fdbp_jax.stages import Stage, apply_update, join_variables
 
@@ -154,9 +154,8 @@ def stage_update(packed: PackedStages, optimizers: Sequence[optax.GradientTransf
 
 
 def stage_switch(mesh: Mesh, branches: Sequence[Callable]) -> Callable:
-    """`lambda index, *args: lax.switch(index, branches, *args)`, with canonical convolutions on CPU."""
-    if mesh.devices.flat[0].platform == "cpu":
-        branches = [canonical_convolutions(branch) for branch in branches]
+    """`lambda index, *args: lax.switch(index, branches, *args)`, with XLA:CPU's fast convolutions on CPU."""
+    branches = [fast_convolutions(branch, mesh.devices.flat[0].platform) for branch in branches]
     return lambda index, *args: jax.lax.switch(index, branches, *args)
 
 

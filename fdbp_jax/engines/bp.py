@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fdbp_jax.distributed import place, to_host
+from fdbp_jax.engines._cpu_convolutions import fast_convolutions
 from fdbp_jax.engines._flat import mean_over, pad_to_multiple
 from fdbp_jax.mesh import MESH_AXES, num_devices
 from fdbp_jax.stages import (
@@ -128,7 +129,8 @@ class Backprop:
         return self._update(state, *replica_mean((loss, grads)), replica_state(model_state))
 
     def _replica_step(self, state: BackpropState, x, y):
-        loss, model_state, grads = self._grads(state, x, y, jax.lax.axis_index(MESH_AXES))
+        grads_fn = fast_convolutions(self._grads, self.mesh.devices.flat[0].platform)
+        loss, model_state, grads = grads_fn(state, x, y, jax.lax.axis_index(MESH_AXES))
         (loss, grads), model_state = mean_over(MESH_AXES, (loss, grads), model_state)
         return self._update(state, loss, grads, model_state)
 
