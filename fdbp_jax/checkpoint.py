@@ -20,9 +20,11 @@ from fdbp_jax.optim import lr_schedule
 
 UNREADABLE = "unreadable-checkpoints"  # where restore moves checkpoints it cannot read (kept, never deleted)
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", UNREADABLE)
-# the layout of the engine state a checkpoint holds: 2 since the FDBP mesh keeps one message per link
-# phase (`engines/_link_swap.py`) instead of an activation and a gradient message
-STATE_FORMAT = 2
+# what a checkpoint's state means: 2 since the FDBP mesh keeps one message per link phase
+# (`engines/_link_swap.py`) instead of an activation and a gradient message; 3 since the input pipeline
+# draws each epoch's order and each batch's augmentation at the batch level (`input_pipeline.py`), so
+# an older checkpoint's data iterator would not continue the stream it started
+STATE_FORMAT = 3
 
 
 class Checkpoints:
@@ -78,7 +80,7 @@ class Checkpoints:
                     raise ValueError(f"--resume: the checkpoint {step} in {self.manager.directory} was made with other "
                                      "settings: " + "; ".join(differences))
                 if meta.get("state_format", 1) != STATE_FORMAT:
-                    raise ValueError(f"--resume: the checkpoint {step} in {self.manager.directory} holds engine state "
+                    raise ValueError(f"--resume: the checkpoint {step} in {self.manager.directory} holds state "
                                      f"format {meta.get('state_format', 1)}, written by an older fdbp_jax; this one "
                                      f"reads format {STATE_FORMAT}: resume it with the version that wrote it, or start "
                                      "a new --workdir")

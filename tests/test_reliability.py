@@ -298,7 +298,7 @@ def test_a_changed_stage_count_is_named_and_no_checkpoint_is_touched(finished_ru
 
 
 def test_a_checkpoint_of_an_older_state_format_is_named_and_kept(finished_run, tmp_path):
-    """A checkpoint written before the engine state changed layout (no "state_format" in its metadata)
+    """A checkpoint written before the state changed format (no "state_format" in its metadata)
     gets one clear line, and no checkpoint is moved or removed."""
     run = copy_of(finished_run, tmp_path)
     rewritten = 0
@@ -309,8 +309,8 @@ def test_a_checkpoint_of_an_older_state_format_is_named_and_kept(finished_run, t
             path.write_text(json.dumps(meta))
             rewritten += 1
     assert rewritten == 2
-    with pytest.raises(ValueError, match=r"checkpoint 4 .* holds engine state format 1, written by an older "
-                                         r"fdbp_jax; this one reads format 2"):
+    with pytest.raises(ValueError, match=r"checkpoint 4 .* holds state format 1, written by an older "
+                                         r"fdbp_jax; this one reads format 3"):
         train.train_and_evaluate(Config(**TINY, epochs=2, lr=0.05), str(run), resume=True,
                                  datasets=(tiny(32), tiny(32, 1)), show_progress=False)
     assert sorted(os.listdir(run / "checkpoints"), key=int) == ["2", "4"]
