@@ -21,9 +21,10 @@ from fdbp_jax.optim import lr_schedule
 UNREADABLE = "unreadable-checkpoints"  # where restore moves checkpoints it cannot read (kept, never deleted)
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", UNREADABLE)
 # what a checkpoint's state means: 2 since the FDBP mesh keeps one message per link phase
-# (`engines/_link_swap.py`) instead of an activation and a gradient message; 3 since the input pipeline
-# draws each epoch's order and each batch's augmentation at the batch level (`input_pipeline.py`), so
-# an older checkpoint's data iterator would not continue the stream it started
+# (`engines/_link_swap.py`) instead of an activation and a gradient message; 3 since the stash rings
+# are one array per slot (`engines._flat.SlotLayout`) and the input pipeline draws each epoch's order
+# and each batch's augmentation at the batch level (`input_pipeline.py`: an older checkpoint's data
+# iterator would not continue the stream it started)
 STATE_FORMAT = 3
 
 

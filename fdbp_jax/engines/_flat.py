@@ -60,6 +60,63 @@ class FlatLayout:
         return jax.tree.unflatten(self.treedef, leaves)
 
 
+@dataclasses.dataclass(frozen=True)
+class SlotLayout:
+    """Several trees (one per stage) sharing one tuple of flat slots: slot j of a dtype holds the j-th
+    largest leaf of that dtype of every tree, and is as long as the longest of them. The largest
+    tree's leaves then pack and unpack as reshapes, with no concatenate: XLA:CPU's loop over a
+    concatenate of ResNet-20's residuals (22 MB at 64 examples) cost a fifth of a stage's tick."""
+
+    slots: tuple  # (dtype name, length) per slot
+    trees: tuple  # per tree: (treedef, ((slot, shape), ...) per leaf in tree order)
+
+    @classmethod
+    def of(cls, trees: Sequence[PyTree]) -> "SlotLayout":
+        lengths: dict[str, list[int]] = {}
+        placed = []
+        for tree in trees:
+            flat, treedef = jax.tree.flatten(tree)
+            ranks: dict[str, int] = {}
+            order = sorted(range(len(flat)), key=lambda i: -int(np.prod(flat[i].shape, dtype=np.int64)))
+            where = [None] * len(flat)
+            for i in order:
+                key, size = np.dtype(flat[i].dtype).name, int(np.prod(flat[i].shape, dtype=np.int64))
+                rank = ranks[key] = ranks.get(key, -1) + 1
+                column = lengths.setdefault(key, [])
+                if rank == len(column):
+                    column.append(0)
+                column[rank] = max(column[rank], size)
+                where[i] = (key, rank, tuple(flat[i].shape))
+            placed.append((treedef, where))
+        slots = tuple((key, max(1, length)) for key in sorted(lengths) for length in lengths[key]) or (("float32", 1),)
+        index = {(key, rank): j for j, (key, rank) in enumerate(
+            (key, rank) for key in sorted(lengths) for rank in range(len(lengths[key])))}
+        trees_out = tuple((treedef, tuple((index[key, rank], shape) for key, rank, shape in where))
+                          for treedef, where in placed)
+        return cls(slots, trees_out)
+
+    def empty(self) -> tuple:
+        """Zeros in every slot (what a tree with no leaves packs to)."""
+        return tuple(jnp.zeros((length,), key) for key, length in self.slots)
+
+    def shapes(self, k: int) -> list:
+        """(shape, dtype) of tree k's leaves, in tree order."""
+        return [(shape, np.dtype(self.slots[slot][0])) for slot, shape in self.trees[k][1]]
+
+    def pack(self, k: int, tree: PyTree) -> tuple:
+        """Tree k -> one vector per slot: its leaf there raveled and zero-padded, zeros where it has none."""
+        out = list(self.empty())
+        for (slot, _), leaf in zip(self.trees[k][1], jax.tree.leaves(tree)):
+            row, length = jnp.ravel(leaf), self.slots[slot][1]
+            out[slot] = row if row.shape[0] == length else jnp.pad(row, (0, length - row.shape[0]))
+        return tuple(out)
+
+    def unpack(self, k: int, slots: Sequence[jax.Array]) -> PyTree:
+        """One vector per slot -> tree k (padding ignored)."""
+        leaves = [slots[slot][: int(np.prod(shape, dtype=np.int64))].reshape(shape) for slot, shape in self.trees[k][1]]
+        return jax.tree.unflatten(self.trees[k][0], leaves)
+
+
 def padded_sizes(layouts: Sequence[FlatLayout]) -> dict[str, int]:
     """Common per-dtype length for a set of layouts (at least 1, so no array is empty)."""
     keys = sorted({key for layout in layouts for key in layout.sizes})

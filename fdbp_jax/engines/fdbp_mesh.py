@@ -36,7 +36,7 @@ from fdbp_jax import schedule
 from fdbp_jax.corrections import Correction, NoCorrection
 from fdbp_jax.distributed import place
 from fdbp_jax.engines import _link_swap
-from fdbp_jax.engines._flat import FlatLayout, mean_over, padded_sizes
+from fdbp_jax.engines._flat import SlotLayout, mean_over
 from fdbp_jax.engines._mesh_layer import (
     STAGE,
     STAGE_DATA,
@@ -67,12 +67,12 @@ class EngineState:
     params: dict  # dtype -> (K, P)
     model_state: dict  # dtype -> (K, M)
     opt_state: dict  # dtype -> (K, O)
-    stash: dict  # dtype -> (K, N, D, W): per replica, each in-flight forward's residuals or input
+    stash: tuple  # per slot (`SlotLayout`), (K, N, D, W_j): per replica, each in-flight forward's residuals or input
     stash_params: dict  # "recompute" only, dtype -> (K, D, P): weights each in-flight forward used
     stash_model_state: dict  # "recompute" only, dtype -> (K, D, M)
     # the stash rows the next tick's backward uses, read after this tick's write: a tick that read
     # and wrote the same ring would make XLA copy the whole ring (twice, measured on CPU)
-    due_stash: dict  # dtype -> (K, N, W)
+    due_stash: tuple  # per slot, (K, N, W_j)
     due_params: dict  # "recompute" only, dtype -> (K, P)
     due_model_state: dict  # "recompute" only, dtype -> (K, M)
     # per link phase (`_link_swap`), (K, N, b, A): what stage k's partner on that phase's link sent it
@@ -115,7 +115,7 @@ class Weights(NamedTuple):
 class Due(NamedTuple):
     """What a tick's delayed backward uses of the stash (one replica), read after the previous tick's write."""
 
-    due_entry: dict  # dtype -> (W,)
+    due_entry: tuple  # per slot, (W_j,)
     due_params: dict  # "recompute" only, dtype -> (P,)
     due_model_state: dict
 
@@ -141,8 +141,7 @@ class MeshEngine(StagedMeshEngine):
         self.stage_ticks = [StageTick(s, k, len(self.stages), loss_fn, shrink, correction)
                             for k, s in enumerate(self.stages)]
         self.packed: PackedStages | None = None
-        self.stash_layouts: tuple = ()  # per stage k < K-1: layout of one stash entry (residuals, or the input)
-        self.stash_sizes: dict = {}
+        self.stash_slots: SlotLayout | None = None  # one stash entry (residuals, or the input) of each stage k < K-1
         self._step = None
         self._predict = None
 
@@ -155,16 +154,15 @@ class MeshEngine(StagedMeshEngine):
         params, model_state = zip(*(split_variables(v) for v in variables))
         opt_state = [o.init(p) for o, p in zip(self.optimizers, params)]
         self.packed = packed = PackedStages.build(params, model_state, opt_state, shapes)
-        self.stash_layouts = tuple(
-            FlatLayout.of(jax.eval_shape(partial(self._stash_entry_shapes, k), params[k], model_state[k], shapes[k]))
+        self.stash_slots = SlotLayout.of([
+            jax.eval_shape(partial(self._stash_entry_shapes, k), params[k], model_state[k], shapes[k])
             for k in range(K - 1)
-        )
-        self.stash_sizes = padded_sizes(self.stash_layouts) or {"float32": 1}
+        ])
         b, D = shapes[0].shape[0], schedule.stash_depth(0, K)
         packed_params, packed_state, packed_opt = packed.stack(params, model_state, opt_state)
         message = lambda: np.zeros((K, N, b, packed.message_width), packed.message_dtype)
         rings = {
-            "stash": {d: np.zeros((K, N, D, width), d) for d, width in self.stash_sizes.items()},
+            "stash": tuple(np.zeros((K, N, D, width), d) for d, width in self.stash_slots.slots),
             "stash_params": self._weight_stash(packed_params, D),
             "stash_model_state": self._weight_stash(packed_state, D),
         }
@@ -307,27 +305,26 @@ class MeshEngine(StagedMeshEngine):
         if work.is_last:  # delay 0: loss and gradients at once, nothing to stash
             loss, fwd_state, grads, input_grad = work.last(t, replica, params, model_state, x_in, labels)
             outputs, labels_out = None, jnp.zeros_like(labels)
-            entry = {d: jnp.zeros((width,), d) for d, width in self.stash_sizes.items()}
+            entry = self.stash_slots.empty()
         else:
             if self.correction.moves_forward_weights:
                 params = work.forward_params(params, packed.opt_layouts[k].unpack(weights.opt_state))
                 forward_params = packed.pack_params(k, params)
-            layout = self.stash_layouts[k]
             if self.stash != "recompute":  # the stashed forward's own pullback, from its residuals
                 outputs, pullback, fwd_state = self._forward_with_pullback(
                     k, params, model_state, x_in, work.forward_key(t, replica))
                 leaves, treedef = jax.tree.flatten(pullback)
-                if [(leaf.shape, leaf.dtype) for leaf in leaves] != [(s, np.dtype(d)) for d, _, s in layout.leaves]:
+                if [(leaf.shape, leaf.dtype) for leaf in leaves] != self.stash_slots.shapes(k):
                     raise RuntimeError(f"stage {k}: VJP residuals differ between init and tick tracing")
-                entry = layout.pack(leaves, self.stash_sizes)
+                entry = self.stash_slots.pack(k, leaves)
                 # the pullback of the forward this stage ran stage_delay ticks ago, from its residuals
                 output_grad = work.output_grad(packed.from_message(gradient_in, k + 1))
-                cotangents = jax.tree.unflatten(treedef, layout.unpack(stashed.due_entry))(output_grad)
+                cotangents = jax.tree.unflatten(treedef, self.stash_slots.unpack(k, stashed.due_entry))(output_grad)
                 grads, input_grad = cotangents if k > 0 else (cotangents[0], None)
             else:
                 outputs, fwd_state = work.forward(t, replica, params, model_state, x_in)
-                entry = layout.pack([x_in], self.stash_sizes)
-                (used_input,) = layout.unpack(stashed.due_entry)
+                entry = self.stash_slots.pack(k, [x_in])
+                (used_input,) = self.stash_slots.unpack(k, stashed.due_entry)
                 due = Stashed(packed.params(k, stashed.due_params), packed.model_state(k, stashed.due_model_state),
                               used_input)
                 grads, input_grad = work.backward(t, replica, due, packed.from_message(gradient_in, k + 1))
