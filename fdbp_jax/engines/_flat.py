@@ -72,28 +72,25 @@ class SlotLayout:
 
     @classmethod
     def of(cls, trees: Sequence[PyTree]) -> "SlotLayout":
-        lengths: dict[str, list[int]] = {}
-        placed = []
+        size = lambda leaf: int(np.prod(leaf.shape, dtype=np.int64))
+        ranked = []  # per tree: (treedef, [(dtype name, rank by size within its dtype, shape)] in tree order)
         for tree in trees:
             flat, treedef = jax.tree.flatten(tree)
-            ranks: dict[str, int] = {}
-            order = sorted(range(len(flat)), key=lambda i: -int(np.prod(flat[i].shape, dtype=np.int64)))
-            where = [None] * len(flat)
-            for i in order:
-                key, size = np.dtype(flat[i].dtype).name, int(np.prod(flat[i].shape, dtype=np.int64))
-                rank = ranks[key] = ranks.get(key, -1) + 1
-                column = lengths.setdefault(key, [])
-                if rank == len(column):
-                    column.append(0)
-                column[rank] = max(column[rank], size)
-                where[i] = (key, rank, tuple(flat[i].shape))
-            placed.append((treedef, where))
-        slots = tuple((key, max(1, length)) for key in sorted(lengths) for length in lengths[key]) or (("float32", 1),)
-        index = {(key, rank): j for j, (key, rank) in enumerate(
-            (key, rank) for key in sorted(lengths) for rank in range(len(lengths[key])))}
-        trees_out = tuple((treedef, tuple((index[key, rank], shape) for key, rank, shape in where))
-                          for treedef, where in placed)
-        return cls(slots, trees_out)
+            ranks, seen = [None] * len(flat), {}
+            for i in sorted(range(len(flat)), key=lambda i: -size(flat[i])):
+                key = np.dtype(flat[i].dtype).name
+                seen[key] = seen.get(key, -1) + 1
+                ranks[i] = (key, seen[key], tuple(flat[i].shape))
+            ranked.append((treedef, ranks))
+        longest: dict[tuple, int] = {}  # (dtype name, rank) -> the slot's length
+        for _, ranks in ranked:
+            for key, rank, shape in ranks:
+                longest[key, rank] = max(longest.get((key, rank), 1), int(np.prod(shape, dtype=np.int64)))
+        order = sorted(longest) or [("float32", 0)]
+        slot = {name: j for j, name in enumerate(order)}
+        return cls(tuple((key, longest.get((key, rank), 1)) for key, rank in order),
+                   tuple((treedef, tuple((slot[key, rank], shape) for key, rank, shape in ranks))
+                         for treedef, ranks in ranked))
 
     def empty(self) -> tuple:
         """Zeros in every slot (what a tree with no leaves packs to)."""
