@@ -6,8 +6,8 @@ Two rewrites at the jaxpr level, each measured on this project's CPU (2026-12-02
   the branches of a conditional, where they fall back to a naive loop: a conv backward inside
   `lax.switch` ran 50x slower than outside. The mesh engines run each stage in a `lax.switch` branch.
 - Weight gradients over batch chunks. The weight-gradient conv contracts over the batch, and XLA:CPU's
-  cost per example grows with it: ResNet-20's 16-channel 3x3 layers at 32x32 take 59 µs per example at
-  batch 16 and 211 at 128. Summing the convs of chunks of `WEIGHT_GRAD_CHUNK` examples takes 60 at any
+  cost per example grows with it: ResNet-20's 16-channel 3x3 layers at 32x32 take 58 µs per example at
+  batch 16 and 210 at 128. Summing the convs of chunks of `WEIGHT_GRAD_CHUNK` examples takes 60 at any
   batch; a ResNet-20 BP step at batch 128 on one core went from 6.6 to 4.4 ms per example.
 GPU/TPU compilers choose layouts and algorithms themselves and are left alone (`fast_convolutions`).
 """
@@ -50,7 +50,7 @@ def _evaluate(jaxpr, consts, args) -> list:
     for eqn in jaxpr.eqns:
         inputs = [read(v) for v in eqn.invars]
         if eqn.primitive is conv_general_dilated_p:
-            outputs = [_fast_conv(*inputs, **eqn.params)]
+            outputs = [_fast_conv(*inputs, out_shape=eqn.outvars[0].aval.shape, **eqn.params)]
         elif eqn.primitive.name in ("pjit", "jit"):  # nested jit: look inside it too
             inner = eqn.params["jaxpr"]
             outputs = _evaluate(inner.jaxpr, inner.consts, inputs)
@@ -76,10 +76,10 @@ def is_weight_gradient(lhs_shape, rhs_shape, out_shape, dimension_numbers, featu
             and lhs_shape[lhs_spec[1]] > WEIGHT_GRAD_CHUNK)
 
 
-def _fast_conv(lhs, rhs, **params):
-    """The conv in canonical layout; a weight gradient as the sum of its batch chunks' convs."""
+def _fast_conv(lhs, rhs, *, out_shape, **params):
+    """The conv (its output of `out_shape`) in canonical layout; a weight gradient as the sum of its batch
+    chunks' convs."""
     lhs_spec, rhs_spec, _ = params["dimension_numbers"]
-    out_shape = jax.eval_shape(lambda a, b: conv_general_dilated_p.bind(a, b, **params), lhs, rhs).shape
     if not is_weight_gradient(lhs.shape, rhs.shape, out_shape, params["dimension_numbers"],
                               params["feature_group_count"], params["batch_group_count"]):
         return _canonical_conv(lhs, rhs, **params)

@@ -8,6 +8,7 @@ stage device an identical local layout, while each stage unpacks its own tree ex
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -72,7 +73,7 @@ class SlotLayout:
 
     @classmethod
     def of(cls, trees: Sequence[PyTree]) -> "SlotLayout":
-        size = lambda leaf: int(np.prod(leaf.shape, dtype=np.int64))
+        size = lambda leaf: math.prod(leaf.shape)
         ranked = []  # per tree: (treedef, [(dtype name, rank by size within its dtype, shape)] in tree order)
         for tree in trees:
             flat, treedef = jax.tree.flatten(tree)
@@ -85,7 +86,7 @@ class SlotLayout:
         longest: dict[tuple, int] = {}  # (dtype name, rank) -> the slot's length
         for _, ranks in ranked:
             for key, rank, shape in ranks:
-                longest[key, rank] = max(longest.get((key, rank), 1), int(np.prod(shape, dtype=np.int64)))
+                longest[key, rank] = max(longest.get((key, rank), 1), math.prod(shape))
         order = sorted(longest) or [("float32", 0)]
         slot = {name: j for j, name in enumerate(order)}
         return cls(tuple((key, longest.get((key, rank), 1)) for key, rank in order),
@@ -110,7 +111,7 @@ class SlotLayout:
 
     def unpack(self, k: int, slots: Sequence[jax.Array]) -> PyTree:
         """One vector per slot -> tree k (padding ignored)."""
-        leaves = [slots[slot][: int(np.prod(shape, dtype=np.int64))].reshape(shape) for slot, shape in self.trees[k][1]]
+        leaves = [slots[slot][: math.prod(shape)].reshape(shape) for slot, shape in self.trees[k][1]]
         return jax.tree.unflatten(self.trees[k][0], leaves)
 
 
