@@ -3,7 +3,7 @@ core with taskset; on a GPU host one process per GPU), joined by jax.distributed
 
     python experiments/bench_workers.py [--processes 2] [--model resnet20] [--batch 128] [--steps 10]
         [--microbatches 4] [--configs bp1,bp,fdbp-recompute,...] [--split-unit auto|block|half-block]
-        [--check-model] [--out runs/workers]
+        [--check-model] [--system-malloc] [--out runs/workers]
 
 For one model and global batch it times BP on 1 worker (beside an identical independent twin on the
 other worker's core, so both sides of the ratio see the same machine), data-parallel BP on P workers,
@@ -80,8 +80,18 @@ def launch(settings: dict, processes: int, worker_ids: list[int]) -> list[dict]:
     return results
 
 
+def keep_memory(settings: dict) -> None:
+    """Before JAX starts its backend: glibc malloc keeps what it frees (as `fdbp-train` does), unless
+    --system-malloc asked for its defaults."""
+    if not settings["system_malloc"]:
+        from fdbp_jax import host_memory
+
+        host_memory.keep_freed_memory()
+
+
 def run_worker(settings: dict) -> int:
     """One worker: build the configuration through the public API, time its steps, print JSON."""
+    keep_memory(settings)
     import jax
 
     jax.config.update("jax_num_cpu_devices", 1)
@@ -168,6 +178,7 @@ def run_cost_worker(settings: dict) -> int:
     """One worker of the speed model's check: the curves `fdbp_jax.perf` predicts from, measured on this
     one device: the BP step at the global and the per-worker batch, and every stage's tick work (forward,
     re-run forward and backward, update) of each split at the batches its engines run. Prints JSON."""
+    keep_memory(settings)
     import jax
 
     jax.config.update("jax_num_cpu_devices", 1)
@@ -224,6 +235,7 @@ def check_model(rows: list[dict], args) -> dict:
     splits = sorted({tuple(r["boundaries"]) for r in rows if r["algorithm"] != "bp"})
     micro = sorted({r["microbatches"] for r in rows})
     settings = {"name": "costs", "mode": "costs", "model": args.model, "split_unit": args.split_unit, "repeats": 5,
+                "system_malloc": args.system_malloc,
                 "splits": [list(b) for b in splits],
                 "bp_batches": sorted({args.batch, args.batch // args.processes}),
                 "stage_batches": sorted({args.batch // m for m in micro})}
@@ -255,6 +267,8 @@ def main(argv=None) -> int:
                         "auto: halves for the ResNets, whole blocks otherwise)")
     p.add_argument("--check-model", action="store_true",
                    help="also predict every row with fdbp_jax.perf from curves measured on one worker and the links")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc malloc's defaults in the workers (fdbp_jax.host_memory; fdbp-train's flag too)")
     p.add_argument("--out", default="runs/workers")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -274,7 +288,8 @@ def main(argv=None) -> int:
         p.error("--processes must be >= 2 and --batch divisible by processes x every --microbatches value")
     os.makedirs(args.out, exist_ok=True)
     base = {"model": args.model, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
-            "boundaries": args.boundaries, "measure": args.measure, "split_unit": args.split_unit}
+            "boundaries": args.boundaries, "measure": args.measure, "split_unit": args.split_unit,
+            "system_malloc": args.system_malloc}
     rows, provenance = [], None
     for name in names:
         algorithm, workers, stash, micro = CONFIGS[name]
@@ -305,6 +320,7 @@ def main(argv=None) -> int:
                              "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
                              "boundaries": args.boundaries or f"split_blocks, measure={args.measure}",
                              "split_unit": args.split_unit,
+                             "malloc": "glibc defaults" if args.system_malloc else "host_memory.keep_freed_memory",
                              "data": "random normal images, fixed seed 0", "pinned": not on_gpu()},
               "rows": rows, "model": model}
     with open(os.path.join(args.out, "workers.json"), "w") as f:
