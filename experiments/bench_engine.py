@@ -19,11 +19,7 @@ import json
 import os
 import sys
 
-from fdbp_jax import host_memory
-
-host_memory.keep_freed_memory()  # before the backend starts, as fdbp-train does
-
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 

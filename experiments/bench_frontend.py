@@ -17,11 +17,7 @@ import os
 import sys
 import tempfile
 
-from fdbp_jax import host_memory
-
-host_memory.keep_freed_memory()  # before the backend starts, as fdbp-train does
-
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 

@@ -80,18 +80,18 @@ def launch(settings: dict, processes: int, worker_ids: list[int]) -> list[dict]:
     return results
 
 
-def keep_memory(settings: dict) -> None:
-    """Before JAX starts its backend: glibc malloc keeps what it frees (as `fdbp-train` does), unless
-    --system-malloc asked for its defaults."""
-    if not settings["system_malloc"]:
-        from fdbp_jax import host_memory
+def keep_memory(settings: dict) -> bool:
+    """Before JAX starts its backend, as `fdbp-train` does: glibc malloc keeps what it frees in a worker
+    with one CPU device, unless --system-malloc asked for its defaults. Whether it does."""
+    from fdbp_jax import host_memory
 
-        host_memory.keep_freed_memory()
+    return (not settings["system_malloc"] and host_memory.keeps_freed_memory_by_default(1)
+            and host_memory.keep_freed_memory())
 
 
 def run_worker(settings: dict) -> int:
     """One worker: build the configuration through the public API, time its steps, print JSON."""
-    keep_memory(settings)
+    kept_memory = keep_memory(settings)
     import jax
 
     jax.config.update("jax_num_cpu_devices", 1)
@@ -141,7 +141,8 @@ def run_worker(settings: dict) -> int:
     if P > 1 and settings.get("links"):
         result["links"] = measure_links(trainer, M)
     if jax.process_index() == 0:
-        result["provenance"] = costs.provenance()
+        result["provenance"] = {**costs.provenance(), "malloc": "kept freed memory (host_memory.keep_freed_memory)"
+                                if kept_memory else "glibc defaults"}
     print(json.dumps(result), flush=True)
     return 0
 
@@ -320,7 +321,6 @@ def main(argv=None) -> int:
                              "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
                              "boundaries": args.boundaries or f"split_blocks, measure={args.measure}",
                              "split_unit": args.split_unit,
-                             "malloc": "glibc defaults" if args.system_malloc else "host_memory.keep_freed_memory",
                              "data": "random normal images, fixed seed 0", "pinned": not on_gpu()},
               "rows": rows, "model": model}
     with open(os.path.join(args.out, "workers.json"), "w") as f:

@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--overwrite", action="store_true", help="replace a run already in --workdir")
     add("--show-split", action="store_true", help="print the stage split and exit")
     add("--system-malloc", action="store_true",
-        help="keep glibc malloc's defaults (by default the process keeps the memory it frees, which spares "
-             "XLA:CPU a page fault per fresh page each step; host memory peaks a little higher)")
+        help="keep glibc malloc's defaults (by default a process with one CPU device keeps the memory it frees, "
+             "which spares XLA:CPU a page fault per fresh page each step; host memory peaks a little higher)")
     add("--no-progress", action="store_true")
     add("--debug", action="store_true", help="show tracebacks")
     return p
@@ -121,12 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-        if not args.system_malloc:
-            host_memory.keep_freed_memory()
         config = config_from_args(args)
         validate(config)
         devices = 1 if config.emulate else max(1, config.stages) * max(1, config.data_parallel)
         processes = check_processes(args, config)
+        if not args.system_malloc and host_memory.keeps_freed_memory_by_default(max(1, devices // processes)):
+            host_memory.keep_freed_memory()
         simulate_devices(max(1, devices // processes))
         if args.coordinator_address or processes > 1:
             distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,

@@ -48,3 +48,13 @@ def test_kept_memory_spares_the_page_faults_of_each_execution():
     assert system > 10_000  # ~24k faults a step with glibc's defaults (measured)
     assert kept < system / 10
 
+
+
+def test_only_a_process_with_one_cpu_device_keeps_freed_memory_by_default(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert host_memory.cpu_only()
+    assert host_memory.keeps_freed_memory_by_default(1)
+    assert not host_memory.keeps_freed_memory_by_default(8)  # simulated devices contend for one arena
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    assert not host_memory.cpu_only()
+    assert not host_memory.keeps_freed_memory_by_default(1)
