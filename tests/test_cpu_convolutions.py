@@ -95,3 +95,25 @@ def test_mesh_engines_with_chunked_weight_gradients_match_their_references(algor
 
 def convolutions_in(trainer, state, x, y) -> int:
     return trainer.engine.lower(state, x, y).as_text().count("stablehlo.convolution")
+
+
+def reduce_precisions(fn, *args) -> int:
+    return str(jax.make_jaxpr(fn)(*args)).count("reduce_precision")
+
+
+def test_selective_stash_residual_markers_are_dropped_for_float32_and_kept_where_they_round():
+    """jax.checkpoint marks each saved residual with a reduce_precision to its own precision (XLA:CPU
+    copies the array for it): the CPU re-trace drops that no-op for float32, keeps real roundings, and
+    keeps the marks on bfloat16 (which XLA:CPU may compute wider)."""
+    x, w = operands(4, "NHWC")
+    selective = jax.checkpoint(conv_loss(1, "SAME", "NHWC"), policy=jax.checkpoint_policies.dots_saveable)
+    forward = lambda x, w: jax.vjp(selective, x, w)  # what the stash keeps: the conv output
+    assert reduce_precisions(forward, x, w) > 0
+    assert reduce_precisions(cpu_convolutions(forward), x, w) == 0
+    (expected, pullback), (got, fast_pullback) = forward(x, w), jax.jit(cpu_convolutions(forward))(x, w)
+    assert_close([got, *fast_pullback(1.0)], [expected, *pullback(1.0)])
+    rounding = lambda a: lax.reduce_precision(a * 3, exponent_bits=5, mantissa_bits=10) + 1  # float16's grid
+    assert reduce_precisions(cpu_convolutions(rounding), x) == 1
+    np.testing.assert_array_equal(cpu_convolutions(rounding)(x), rounding(x))
+    wide = lambda a: lax.reduce_precision(a * 3, exponent_bits=8, mantissa_bits=7)  # bfloat16's own, kept
+    assert reduce_precisions(cpu_convolutions(wide), x.astype(jnp.bfloat16)) == 1
