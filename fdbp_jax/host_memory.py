@@ -39,8 +39,8 @@ def cpu_only() -> bool:
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
-    plugins = importlib.util.find_spec("jax_plugins") is not None or any(
-        True for _ in importlib.metadata.entry_points(group="jax_plugins"))
+    plugins = (importlib.util.find_spec("jax_plugins") is not None
+               or bool(importlib.metadata.entry_points(group="jax_plugins")))
     return not plugins and importlib.util.find_spec("libtpu") is None
 
 
