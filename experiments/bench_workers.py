@@ -10,7 +10,8 @@ other worker's core, so both sides of the ratio see the same machine), data-para
 FDBP K=P with every stash, GPipe and 1F1B K=P with each M: median seconds per global batch after
 warm-up, images/s, speedup over 1 worker, and where the time of a step goes on every process (placing
 the input batch, the host's dispatch of the step, the wait for its devices: compute, collectives and
-waiting for peers). With P > 1 it also measures the links it uses: a ppermute of one stage message and
+waiting for peers; and the process's CPU time per step, which on a pinned worker tells its busy time
+from its idle wait). With P > 1 it also measures the links it uses: a ppermute of one stage message and
 an all-reduce of the largest stage's gradient between the processes. With --check-model it measures
 the speed model's curves on one worker and puts `fdbp_jax.perf`'s prediction of every row beside its
 measurement. Writes <out>/workers.json.
@@ -123,7 +124,10 @@ def run_worker(settings: dict) -> int:
     x_local, y_local = x[rows.start:rows.stop], y[rows.start:rows.stop]
     state = trainer.init(jax.random.key(0), x)
     parts = {"input": [], "dispatch": [], "wait": []}
+    cpu_start = None
     for i in range(settings["warmup"] + settings["steps"]):
+        if i == settings["warmup"]:
+            cpu_start = os.times()
         start = time.perf_counter()
         batch = trainer.global_batch(B, x_local, y_local)
         placed = time.perf_counter()
@@ -134,9 +138,13 @@ def run_worker(settings: dict) -> int:
         if i >= settings["warmup"]:
             for name, seconds in (("input", placed - start), ("dispatch", dispatched - placed), ("wait", done - dispatched)):
                 parts[name].append(seconds)
+    cpu_end = os.times()
     totals = [sum(p) for p in zip(*parts.values())]
+    # CPU time of the process (user + system, all threads) per step: on a worker pinned to one core,
+    # its step time less this is time the core idled, waiting for the peer or the link
+    cpu_ms = 1e3 * ((cpu_end.user - cpu_start.user) + (cpu_end.system - cpu_start.system)) / settings["steps"]
     result = {"process": jax.process_index(), "seconds_per_step": statistics.median(totals),
-              "parts_ms": {name: 1e3 * statistics.median(v) for name, v in parts.items()},
+              "parts_ms": {name: 1e3 * statistics.median(v) for name, v in parts.items()}, "cpu_ms_per_step": cpu_ms,
               "boundaries": split.boundaries, "steps": settings["steps"]}
     if P > 1 and settings.get("links"):
         result["links"] = measure_links(trainer, M)
@@ -307,7 +315,8 @@ def main(argv=None) -> int:
                 r["seconds_per_step"] for r in results)
             row = {"name": label, "algorithm": algorithm, "workers": workers or args.processes, "stash": stash,
                    "microbatches": M, "seconds_per_step": seconds, "images_per_s": args.batch / seconds,
-                   "per_process": [{k: r[k] for k in ("seconds_per_step", "parts_ms")} for r in results],
+                   "per_process": [{k: r[k] for k in ("seconds_per_step", "parts_ms", "cpu_ms_per_step")}
+                                   for r in results],
                    "boundaries": results[0]["boundaries"]}
             if "links" in results[0]:
                 row["links"] = results[0]["links"]
