@@ -118,6 +118,8 @@ def abandon_run(err: LostProcess, debug: bool) -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`fdbp-train` on `argv` (default: the command line); the exit code. As the program (argv None) it
+    also sets this process's malloc up before JAX starts (`host_memory`, unless --system-malloc)."""
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
@@ -125,7 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         validate(config)
         devices = 1 if config.emulate else max(1, config.stages) * max(1, config.data_parallel)
         processes = check_processes(args, config)
-        if not args.system_malloc and host_memory.keeps_freed_memory_by_default(max(1, devices // processes)):
+        # as a program only (argv from the command line): a caller's process may have started JAX already
+        if argv is None and not args.system_malloc and host_memory.keeps_freed_memory_by_default(
+                max(1, devices // processes)):
             host_memory.keep_freed_memory()
         simulate_devices(max(1, devices // processes))
         if args.coordinator_address or processes > 1:
