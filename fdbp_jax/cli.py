@@ -127,11 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         validate(config)
         devices = 1 if config.emulate else max(1, config.stages) * max(1, config.data_parallel)
         processes = check_processes(args, config)
+        devices_per_process = max(1, devices // processes)
         # as a program only (argv from the command line): a caller's process may have started JAX already
-        if argv is None and not args.system_malloc and host_memory.keeps_freed_memory_by_default(
-                max(1, devices // processes)):
+        if argv is None and not args.system_malloc and host_memory.keeps_freed_memory_by_default(devices_per_process):
             host_memory.keep_freed_memory()
-        simulate_devices(max(1, devices // processes))
+        simulate_devices(devices_per_process)
         if args.coordinator_address or processes > 1:
             distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
                                    args.collective_timeout)

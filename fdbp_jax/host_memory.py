@@ -23,7 +23,8 @@ NEVER_TRIM = 2**31 - 1  # the largest threshold mallopt takes (bytes of free mem
 def keep_freed_memory() -> bool:
     """Make this process's malloc reuse what it frees: one arena, no mmapped blocks, no trimming.
     Call it at process start, before JAX starts its backend (threads choose their arena when they
-    first allocate). Returns False, changing nothing, where the C library has no glibc mallopt."""
+    first allocate). Returns whether glibc took all three settings (False, changing nothing, where the C
+    library has no mallopt)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):

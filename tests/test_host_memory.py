@@ -49,7 +49,6 @@ def test_kept_memory_spares_the_page_faults_of_each_execution():
     assert kept < system / 10
 
 
-
 def test_only_a_process_with_one_cpu_device_keeps_freed_memory_by_default(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert host_memory.cpu_only()
