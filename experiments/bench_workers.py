@@ -220,6 +220,7 @@ def predicted_seconds(row: dict, measured: dict, link, processes: int, batch: in
     """What `fdbp_jax.perf` predicts for one benchmark row from one worker's curves and the fitted link;
     None where it has no model (the selective and residual stashes: its stage curve re-runs the forward)."""
     from fdbp_jax import perf
+    from fdbp_jax.engines import pipeline_timetable
 
     if row["algorithm"] == "bp":
         split = next(iter(measured["splits"].values()))
@@ -232,7 +233,8 @@ def predicted_seconds(row: dict, measured: dict, link, processes: int, batch: in
     stages = perf.stage_costs({"splits": {str(processes): split}}, processes)
     if row["algorithm"] == "fdbp":
         return perf.fdbp_tick_time(stages, batch, 1, link)
-    return perf.pipeline_step_time(stages, batch, 1, row["microbatches"], link)
+    timetable = pipeline_timetable(row["algorithm"], processes, row["microbatches"])
+    return perf.pipeline_step_time(stages, batch, 1, timetable, link)
 
 
 def check_model(rows: list[dict], args) -> dict:

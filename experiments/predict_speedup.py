@@ -1,6 +1,6 @@
 """Speed-model predictions from measured efficiency curves: time per global batch and time to a test
-accuracy for data-parallel BP over D devices, and for FDBP and the synchronous pipelines (GPipe/1F1B,
-M micro-batches) with K stages x N = D/K replicas.
+accuracy for data-parallel BP over D devices, and for FDBP and the synchronous pipelines (GPipe and
+1F1B, M micro-batches, each by its timetable's lock-step ticks) with K stages x N = D/K replicas.
 
     python experiments/predict_speedup.py --costs docs/data/gpu-study-2026-11-27a/costs.json \
         --runs ../shared/gpu-runs/resnet20-20ep docs/data/gpu-study-2026-11-27b --target 0.8
@@ -22,6 +22,9 @@ import statistics
 import sys
 
 from fdbp_jax import perf, results
+from fdbp_jax.engines import pipeline_timetable
+
+PIPELINES = (("gpipe", "GPipe"), ("1f1b", "1F1B"))  # (algorithm, label): each timed by its own timetable
 
 COLUMNS = (("devices", "devices", "d"), ("global batch", "batch", "d"), ("method", "method", "s"),
            ("per-device (micro-)batch", "local_batch", "g"), ("ms / global batch", "ms", ".3f"),
@@ -54,12 +57,14 @@ def predictions(measured: dict, devices: list[int], batches: list[int], link: pe
                     layouts.append((f"FDBP K={K}", N, batch / N, perf.fdbp_tick_time(stages, batch, N, link)))
                     for M in microbatches:
                         if batch % (N * M) == 0:
-                            layouts.append((f"GPipe/1F1B K={K} M={M}", N, batch / (N * M),
-                                            perf.pipeline_step_time(stages, batch, N, M, link)))
+                            for algorithm, name in PIPELINES:
+                                layouts.append((f"{name} K={K} M={M}", N, batch / (N * M), perf.pipeline_step_time(
+                                    stages, batch, N, pipeline_timetable(algorithm, K, M), link)))
             bp_seconds = layouts[0][3]
             for method, replicas, local_batch, seconds in layouts:
                 label = method if method == "BP" else f"{method} x N={replicas}"
-                ticks_needed = ticks.get(batch, {}).get("BP" if method.startswith("GPipe") else method)
+                exactly_bp = method.startswith(tuple(name for _, name in PIPELINES))
+                ticks_needed = ticks.get(batch, {}).get("BP" if exactly_bp else method)
                 rows.append({
                     "devices": D, "batch": batch, "method": label, "local_batch": local_batch,
                     "ms": 1e3 * seconds, "images_per_s": batch / seconds, "vs_bp": bp_seconds / seconds,

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdbp_jax.engines.timetable import FORWARD, Timetable
+
 
 @dataclasses.dataclass(frozen=True)
 class Link:
@@ -77,12 +79,14 @@ class Curve:
 class StageCost:
     """One stage: its whole tick work (forward, delayed backward, update) against the per-device
     batch, the bytes per example of its output activation (sent forward; its gradient comes back),
-    and the bytes of its parameters (all-reduced over the replicas)."""
+    the bytes of its parameters (all-reduced over the replicas), and its training forward alone
+    (which the synchronous pipelines' timetables need)."""
 
     work: Curve
     activation_bytes: float
     param_bytes: float
     update: float = 0.0  # seconds of one optax update (included in `work`)
+    forward: Curve | None = None  # the forward of a new batch (included in `work`)
 
 
 def fdbp_tick_time(stages: Sequence[StageCost], batch: float, replicas: int, link: Link) -> float:
@@ -96,18 +100,34 @@ def fdbp_tick_time(stages: Sequence[StageCost], batch: float, replicas: int, lin
     return max(times)
 
 
-def pipeline_step_time(stages: Sequence[StageCost], batch: float, replicas: int, microbatches: int,
+def pipeline_step_time(stages: Sequence[StageCost], batch: float, replicas: int, timetable: Timetable,
                        link: Link) -> float:
-    """Seconds per step of a synchronous pipeline (GPipe or 1F1B: the same time, different memory)
-    training one global batch of `batch` examples in `microbatches` micro-batches."""
-    local = batch / (replicas * microbatches)
-    slots = []
-    for k, s in enumerate(stages):
-        sends = link.transfer(local * s.activation_bytes) if k < len(stages) - 1 else 0.0
-        receives_grad = link.transfer(local * stages[k - 1].activation_bytes) if k > 0 else 0.0
-        slots.append(s.work(local) - s.update + max(sends, receives_grad))
-    finish = max(s.update + link.all_reduce(s.param_bytes, replicas) for s in stages)
-    return (microbatches + len(stages) - 1) * max(slots) + finish
+    """Seconds per step of a synchronous pipeline training one global batch of `batch` examples by
+    `timetable` (a `fdbp_jax.engines.timetable.Timetable`: GPipe's, 1F1B's). Its ticks run in lock
+    step, each as long as its slowest operation plus the swap of both links' messages (sent every
+    tick): a forward costs the stage's forward, a backward its tick work less one forward and the
+    update (it runs the forward again, then backpropagates), the last stage's backward its tick work
+    less the update (forward and backward at once; a forward of its own, where the timetable keeps one,
+    is empty). Then one update and the all-reduce."""
+    K = len(stages)
+    if K != timetable.num_stages:
+        raise ValueError(f"the timetable has K={timetable.num_stages} stages but {K} stage costs were given")
+    if any(s.forward is None for s in stages[:-1]):
+        raise ValueError("pipeline_step_time needs every stage's forward curve (StageCost.forward)")
+    local = batch / (replicas * timetable.microbatches)
+
+    def seconds(k: int, op) -> float:
+        s, last = stages[k], k == K - 1
+        if op[0] == FORWARD:
+            return 0.0 if last else s.forward(local)
+        return s.work(local) - s.update - (0.0 if last else s.forward(local))
+
+    swap = max(max(link.transfer(local * s.activation_bytes) if k < K - 1 else 0.0,
+                   link.transfer(local * stages[k - 1].activation_bytes) if k > 0 else 0.0)
+               for k, s in enumerate(stages))
+    ticks = sum(max((seconds(k, op) for k, op in enumerate(row) if op is not None), default=0.0) + swap
+                for row in timetable.ops)
+    return ticks + max(s.update + link.all_reduce(s.param_bytes, replicas) for s in stages)
 
 
 def bp_step_time(step: Curve, param_bytes: float, batch: float, devices: int, link: Link) -> float:
@@ -131,7 +151,7 @@ def stage_costs(measured: dict, num_stages: int, bytes_per_element: int = 4) -> 
                          f"measured K are {sorted(measured['splits'])}")
     return [
         StageCost(Curve(tuple(map(tuple, s["tick"]))), bytes_per_element * s["activation_elements"], 4 * s["param_count"],
-                  s.get("update_s") or 0.0)
+                  s.get("update_s") or 0.0, Curve(tuple(map(tuple, s["forward"]))) if s.get("forward") else None)
         for s in split["stages"]
     ]
 

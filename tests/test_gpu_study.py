@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fdbp_jax import perf
+from fdbp_jax.engines import pipeline_timetable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -83,17 +84,19 @@ def test_study_curves_feed_the_speed_model(study):
                     "--devices", "2,4", "--batches", "128", "--microbatches", "8", "--out", predicted)
     assert result.returncode == 0, result.stderr
     rows = {(r["devices"], r["method"]): r for r in json.load(open(predicted))["rows"]}
-    assert set(rows) == {(2, "BP"), (2, "FDBP K=2 x N=1"), (2, "GPipe/1F1B K=2 M=8 x N=1"), (4, "BP"),
-                         (4, "FDBP K=2 x N=2"), (4, "GPipe/1F1B K=2 M=8 x N=2")}
+    assert set(rows) == {(D, method) for D, N in ((2, 1), (4, 2))
+                         for method in ("BP", f"FDBP K=2 x N={N}", f"GPipe K=2 M=8 x N={N}", f"1F1B K=2 M=8 x N={N}")}
     step, param_bytes = perf.bp_costs(measured)
     link = perf.Link(450e9, 10e-6)
     assert rows[(4, "BP")]["ms"] == pytest.approx(1e3 * perf.bp_step_time(step, param_bytes, 128, 4, link))
     assert rows[(4, "FDBP K=2 x N=2")]["ms"] == pytest.approx(1e3 * perf.fdbp_tick_time(stages, 128, 2, link))
     assert rows[(4, "BP")]["ticks"] == 4 and rows[(4, "BP")]["time_to_target"] == pytest.approx(4e-3 * rows[(4, "BP")]["ms"])
     assert rows[(2, "FDBP K=2 x N=1")]["ticks"] is None  # no K=2 run was trained
-    pipeline = rows[(4, "GPipe/1F1B K=2 M=8 x N=2")]  # exactly backprop: BP's ticks, its own step time
-    assert pipeline["local_batch"] == 8 and pipeline["ticks"] == 4
-    assert pipeline["ms"] == pytest.approx(1e3 * perf.pipeline_step_time(stages, 128, 2, 8, link))
+    for algorithm, name in (("gpipe", "GPipe"), ("1f1b", "1F1B")):  # exactly backprop: BP's ticks, own step times
+        pipeline = rows[(4, f"{name} K=2 M=8 x N=2")]
+        assert pipeline["local_batch"] == 8 and pipeline["ticks"] == 4
+        timetable = pipeline_timetable(algorithm, 2, 8)
+        assert pipeline["ms"] == pytest.approx(1e3 * perf.pipeline_step_time(stages, 128, 2, timetable, link))
 
 
 def test_report_reads_the_study(study, tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fdbp_jax import perf
+from fdbp_jax.engines import pipeline_timetable
 
 LINK = perf.Link(bandwidth=100.0, latency=1.0)
 # two stages, tick work linear at 3 s/example; 10 activation bytes/example; 100 param bytes
@@ -56,18 +57,26 @@ def test_launch_bound_devices_favour_the_pipeline():
     assert perf.fdbp_tick_time(stages, 128, 2, slow_link) == pytest.approx(1 + 2)
 
 
-def test_pipeline_step_is_m_plus_k_minus_one_slots_and_one_update():
-    # batch 8, N = 2, M = 2: micro-batches of 2 examples, 6 s of work of which the update is 1 s: 5 s of
-    # forward + backward, 2 + 2 - 1 = 3 slots; stage 0 sends 20 bytes (1.2 s) -> 3 * 6.2 s, then the 1 s
-    # update and the 3 s all-reduce once
-    stages = [perf.StageCost(perf.Curve.linear(3.0), 10.0, 100.0, update=1.0) for _ in range(2)]
-    assert perf.pipeline_step_time(stages, 8, 2, 2, LINK) == pytest.approx(3 * 6.2 + 1 + 3)
-    # with a free link and no update, the bubble is all the pipeline loses against FDBP's tick
-    free = perf.Link(float("inf"), 0.0)
-    for M in (1, 4, 16):
-        bubble = (2 - 1) / (M + 2 - 1)
-        assert perf.fdbp_tick_time(STAGES, 64, 2, free) / perf.pipeline_step_time(STAGES, 64, 2, M, free) == \
-            pytest.approx(1 - bubble)
+def test_pipeline_step_follows_its_timetable_tick_by_tick():
+    # K = 2, batch 8, N = 2, M = 2: micro-batches of 2 examples. Stage 0: forward 1 s/example (2 s),
+    # tick work 4 s/example (8 s) of which 1 s update, so its backward (forward again + backward) is
+    # 8 - 2 - 1 = 5 s; the last stage's backward (forward and backward at once): 7 s. 20 bytes go each way
+    # (1.2 s a tick). 1F1B's timetable: F0 | F1, B0' | B0, B1' | B1 (B' the last stage's); GPipe's:
+    # F0 | F1, F0' | F1' | B0' | B0, B1' | B1, its last stage's forwards empty.
+    work, forward = perf.Curve.linear(4.0), perf.Curve.linear(1.0)
+    stages = [perf.StageCost(work, 10.0, 100.0, update=1.0, forward=forward),
+              perf.StageCost(perf.Curve.linear(4.0), 10.0, 100.0, update=1.0, forward=forward)]
+    finish = 1 + LINK.all_reduce(100.0, 2)  # one update, one all-reduce of the gradient
+    one_f_one_b, gpipe = (pipeline_timetable(a, 2, 2) for a in ("1f1b", "gpipe"))
+    assert one_f_one_b.ticks == 4 and gpipe.ticks == 6
+    assert perf.pipeline_step_time(stages, 8, 2, one_f_one_b, LINK) == pytest.approx(2 + 7 + 7 + 5 + 4 * 1.2 + finish)
+    assert perf.pipeline_step_time(stages, 8, 2, gpipe, LINK) == pytest.approx(2 + 2 + 0 + 7 + 7 + 5 + 6 * 1.2 + finish)
+    with pytest.raises(ValueError, match="forward curve"):
+        perf.pipeline_step_time(STAGES, 8, 2, gpipe, LINK)
+    with pytest.raises(ValueError, match="K=4 stages but 2"):
+        perf.pipeline_step_time(stages, 8, 2, pipeline_timetable("gpipe", 4, 2), LINK)
+    with pytest.raises(ValueError, match="'fdbp' has no timetable: the synchronous pipelines are 1f1b, gpipe"):
+        pipeline_timetable("fdbp", 2, 2)
 
 
 def test_shared_cores():

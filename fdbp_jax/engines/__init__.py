@@ -91,26 +91,43 @@ def _bp(stages, loss_fn, optimizers, o: EngineOptions) -> Engine:
     return Backprop(stages, loss_fn, optimizers, replicas=o.replicas, mesh=o.mesh, skip_nonfinite=o.skip_nonfinite)
 
 
-def synchronous_pipeline(order: Callable[[int, int, int], list]) -> Builder:
-    """Builder of a synchronous pipeline engine from a schedule's per-stage operation order."""
+@dataclasses.dataclass(frozen=True)
+class SynchronousPipeline:
+    """Builder of a synchronous pipeline engine from a schedule's per-stage operation order
+    (`order(k, num_stages, microbatches)`, as in `gpipe.py`)."""
 
-    def build(stages, loss_fn, optimizers, o: EngineOptions) -> Engine:
-        timetable = Timetable.from_orders([order(k, len(stages), o.microbatches) for k in range(len(stages))],
-                                          o.microbatches)
+    order: Callable[[int, int, int], list]
+
+    def timetable(self, num_stages: int, microbatches: int) -> Timetable:
+        """The schedule's ticks for K stages and M micro-batches (what `fdbp_jax.perf` times)."""
+        return Timetable.from_orders([self.order(k, num_stages, microbatches) for k in range(num_stages)],
+                                     microbatches)
+
+    def __call__(self, stages, loss_fn, optimizers, o: EngineOptions) -> Engine:
+        timetable = self.timetable(len(stages), o.microbatches)
         if o.mesh is None:
             return PipelineEmulator(stages, loss_fn, optimizers, timetable, o.replicas, o.skip_nonfinite)
         return MeshPipeline(stages, loss_fn, optimizers, timetable, o.mesh, o.skip_nonfinite)
-
-    return build
 
 
 ALGORITHMS: dict[str, Algorithm] = {
     "fdbp": Algorithm(_fdbp, pipelined=True, description="fully decoupled backprop (delayed gradients)"),
     "bp": Algorithm(_bp, pipelined=False, description="synchronous data-parallel backprop"),
-    "gpipe": Algorithm(synchronous_pipeline(gpipe_order), pipelined=True, microbatched=True,
+    "gpipe": Algorithm(SynchronousPipeline(gpipe_order), pipelined=True, microbatched=True,
                        description="synchronous pipeline, all forwards then all backwards"),
-    "1f1b": Algorithm(synchronous_pipeline(one_f_one_b_order), pipelined=True, microbatched=True,
+    "1f1b": Algorithm(SynchronousPipeline(one_f_one_b_order), pipelined=True, microbatched=True,
                       description="synchronous pipeline, one forward one backward"),
 }
 
-__all__ = ["ALGORITHMS", "Algorithm", "Engine", "EngineOptions", "STASH_MODES", "synchronous_pipeline"]
+
+def pipeline_timetable(algorithm: str, num_stages: int, microbatches: int) -> Timetable:
+    """The timetable a synchronous pipeline algorithm ("gpipe", "1f1b") runs with K stages and M micro-batches."""
+    build = ALGORITHMS[algorithm].build if algorithm in ALGORITHMS else None
+    if not isinstance(build, SynchronousPipeline):
+        pipelines = sorted(name for name, a in ALGORITHMS.items() if isinstance(a.build, SynchronousPipeline))
+        raise ValueError(f"algorithm {algorithm!r} has no timetable: the synchronous pipelines are {', '.join(pipelines)}")
+    return build.timetable(num_stages, microbatches)
+
+
+__all__ = ["ALGORITHMS", "Algorithm", "Engine", "EngineOptions", "STASH_MODES", "SynchronousPipeline",
+           "pipeline_timetable"]

@@ -9,9 +9,13 @@ the tick after it is sent):
 - F(m) at stage k > 0 after F(m) at stage k-1;
 - B(m) at stage k < K-1 after B(m) at stage k+1, and the last stage's B(m) after its F(m).
 
-The bubble is the share of idle (stage, tick) cells: (K-1)/(M+K-1) for GPipe and 1F1B, whose
-difference is how many micro-batches a stage holds at once (`buffer_depth`): M for GPipe, at most
-K for 1F1B.
+The engines fold the last stage's forward into its backward (loss and gradients at once), so a
+schedule may leave the last stage's forwards out of its order: its B(m) then waits for F(m) of stage
+K-2 instead of a tick of its own (1F1B does; GPipe keeps them, where they delay its last stage so that
+its backwards overlap the other stages' backwards). The ticks run in lock step, each as long as its
+slowest operation (`fdbp_jax.perf.pipeline_step_time`), so which is faster depends on the timetable,
+not only on the bubble. GPipe and 1F1B differ in how many micro-batches a stage holds at once
+(`buffer_depth`): M for GPipe, at most K for 1F1B.
 """
 
 from __future__ import annotations
@@ -38,10 +42,13 @@ class Timetable:
     def from_orders(cls, orders: Sequence[Sequence[Op]], microbatches: int) -> "Timetable":
         """Place each stage's operations (in the given order) at the earliest tick they can run."""
         K = len(orders)
+        folded = not any(kind == FORWARD for kind, _ in orders[-1])
         for k, order in enumerate(orders):
-            expected = sorted((kind, m) for kind in (FORWARD, BACKWARD) for m in range(microbatches))
+            kinds = (BACKWARD,) if folded and k == K - 1 else (FORWARD, BACKWARD)
+            expected = sorted((kind, m) for kind in kinds for m in range(microbatches))
             if sorted(order) != expected:
-                raise ValueError(f"stage {k}'s order must run F and B of each of the {microbatches} micro-batches once")
+                raise ValueError(f"stage {k}'s order must run F and B of each of the {microbatches} micro-batches once"
+                                 + (" (the last stage: B alone, or F and B)" if k == K - 1 else ""))
         done: dict[tuple[int, str, int], int] = {}  # (stage, kind, micro-batch) -> tick it ran
         position, ops = [0] * K, []
         while any(position[k] < len(orders[k]) for k in range(K)):
@@ -49,7 +56,7 @@ class Timetable:
             row = []
             for k in range(K):
                 op = orders[k][position[k]] if position[k] < len(orders[k]) else None
-                ready = op is not None and all(done.get(need, tick) < tick for need in _needs(k, K, op))
+                ready = op is not None and all(done.get(need, tick) < tick for need in _needs(k, K, op, folded))
                 row.append(op if ready else None)
             if not any(row):
                 raise ValueError(f"schedule deadlocks at tick {tick}: no stage can run its next operation")
@@ -66,9 +73,9 @@ class Timetable:
 
     @property
     def bubble_fraction(self) -> float:
-        """Share of (stage, tick) cells in which a stage is idle."""
-        idle = sum(op is None for row in self.ops for op in row)
-        return idle / (self.ticks * self.num_stages)
+        """(K-1)/(M+K-1): the textbook idle share of a GPipe or 1F1B step, with a forward and a backward
+        of equal length. The lock-step ticks' time is the timetable's (`fdbp_jax.perf.pipeline_step_time`)."""
+        return (self.num_stages - 1) / (self.microbatches + self.num_stages - 1)
 
     def tick_of(self, k: int, op: Op) -> int:
         return next(t for t, row in enumerate(self.ops) if row[k] == op)
@@ -112,8 +119,9 @@ class Timetable:
         return kind, micro
 
 
-def _needs(k: int, num_stages: int, op: Op) -> list[tuple[int, str, int]]:
+def _needs(k: int, num_stages: int, op: Op, folded: bool) -> list[tuple[int, str, int]]:
+    """What op at stage k waits for; `folded`: the last stage runs its forwards inside its backwards."""
     kind, m = op
-    if kind == FORWARD:
+    if kind == FORWARD or (folded and k == num_stages - 1):
         return [(k - 1, FORWARD, m)] if k > 0 else []
     return [(k + 1, BACKWARD, m)] if k < num_stages - 1 else [(k, FORWARD, m)]
