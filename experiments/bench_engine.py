@@ -166,7 +166,8 @@ def main(argv=None) -> int:
             if K > len(blocks):
                 continue
             cut_k = partition.linear_partition(flops, K)
-            trainer = fj.Trainer(partition.join_blocks(blocks, cut_k), cross_entropy, opt, mesh=fj.make_mesh(1, K))
+            trainer = fj.Trainer(partition.join_blocks(blocks, cut_k), cross_entropy, opt, mesh=fj.make_mesh(1, K),
+                                 stash="recompute")
             state = trainer.init(jax.random.key(0), x)
             stash_growth[K] = per_device_bytes((state.stash, state.stash_params, state.stash_model_state))
         row["stash_bytes_per_device_by_K (N=1)"] = stash_growth

@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 
 from fdbp_jax import distributed
 from fdbp_jax.config import RESUMABLE_CHANGES, Config
+from fdbp_jax.engines import AUTO_STASH
 from fdbp_jax.optim import lr_schedule
 
 UNREADABLE = "unreadable-checkpoints"  # where restore moves checkpoints it cannot read (kept, never deleted)
@@ -64,6 +65,19 @@ class Checkpoints:
         """The JSON metadata of checkpoint `step` alone (position, settings), without its arrays."""
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+    def stash_to_resume(self, config: Config) -> str:
+        """The stash mode a resumed run builds its engine with: --stash, or with --stash auto the mode the
+        newest readable checkpoint ran (its state holds that mode's rings, whatever auto would pick here)."""
+        if config.stash != AUTO_STASH:
+            return config.stash
+        for step in reversed(self.all_steps()):
+            try:
+                meta = self.read_meta(step)
+            except Exception:  # unreadable: restore_latest reports it and moves it aside
+                continue
+            return meta.get("stash") or meta["config"].get("stash", AUTO_STASH)
+        return config.stash
+
     def restore_latest(self, like: Any, config: Config, ticks_per_epoch: int) -> tuple[Any, dict, int]:
         """Restore the newest checkpoint that reads back whole, after checking that it was made with the
         settings of `config` (a ValueError naming each setting that differs). A checkpoint that cannot be
@@ -76,7 +90,7 @@ class Checkpoints:
             except Exception as err:  # orbax/tensorstore raise many types for damaged files
                 error = err
             if not distributed.any_process(error is not None):
-                differences = config_differences(meta["config"], config, ticks_per_epoch)
+                differences = config_differences(meta["config"], config, ticks_per_epoch, meta.get("stash"))
                 if differences:
                     raise ValueError(f"--resume: the checkpoint {step} in {self.manager.directory} was made with other "
                                      "settings: " + "; ".join(differences))
@@ -141,17 +155,20 @@ def _prepare_workdir(workdir: str, resume: bool, overwrite: bool) -> None:
         raise ValueError(f"--workdir {workdir} is not writable ({err.strerror}): choose another folder") from None
 
 
-def config_differences(saved: dict, config: Config, ticks_per_epoch: int) -> list[str]:
+def config_differences(saved: dict, config: Config, ticks_per_epoch: int, saved_stash: str | None = None) -> list[str]:
     """Each setting of `config` that differs from the checkpoint's `saved` one and would change the run.
     --epochs may change only where the learning rate of every update so far stays the same (constant,
     or step with explicit --step-epochs): the cosine and the default step schedules are laid out over
-    --epochs, so a longer or shorter run is another run."""
+    --epochs, so a longer or shorter run is another run. --stash is compared with the mode the
+    checkpoint ran (`saved_stash`, what its --stash auto chose); --stash auto takes that mode."""
     now = config.to_json()
     saved = Config.from_json(saved).to_json()  # a setting added since the checkpoint was written has its default
+    saved["stash"] = saved_stash or saved["stash"]
     differences = [
         f"{key} {saved.get(key)!r} (checkpoint) vs {now[key]!r} (now)"
         for key in now
         if key not in RESUMABLE_CHANGES and saved.get(key) != now[key]
+        and not (key == "stash" and now[key] in (AUTO_STASH, saved[key]))
     ]
     if not differences and saved.get("epochs") != config.epochs:
         previous = Config.from_json(saved)

@@ -10,7 +10,7 @@ from fdbp_jax.corrections import CORRECTIONS
 from fdbp_jax.data import DATASETS
 from fdbp_jax.models import MODELS, SPLIT_UNITS, model_blocks
 from fdbp_jax.partition import MEASURES
-from fdbp_jax.engines import ALGORITHMS, STASH_MODES
+from fdbp_jax.engines import ALGORITHMS, STASH_CHOICES
 
 SCHEDULES = ("constant", "step", "cosine")
 DTYPES = ("float32", "bfloat16")
@@ -36,9 +36,10 @@ class Config:
                                      "synchronous pipelines gpipe and 1f1b (exactly backprop, see --microbatches)")
     microbatches: int = setting(1, "gpipe / 1f1b: micro-batches per global batch, M (pipeline bubble (K-1)/(M+K-1))")
     shrink: float = setting(1.0, "gradient shrinking factor beta in (0, 1]")
-    stash: str = setting("recompute", "FDBP on a mesh: what each stage keeps of an in-flight forward: recompute "
-                                      "(input and weights; the forward runs again), selective (conv and matmul "
-                                      "outputs) or residuals (all; the most memory); docs/performance.md")
+    stash: str = setting("auto", "FDBP on a mesh: what each stage keeps of an in-flight forward: recompute "
+                                 "(input and weights; the forward runs again), selective (conv and matmul "
+                                 "outputs) or residuals (all; the most memory); auto: the fastest of selective "
+                                 "and recompute that fits in device memory; docs/performance.md")
     epochs: int = setting(5, "passes over the training set")
     batch_size: int = setting(128, "global batch per tick")
     lr: float = setting(0.1, "peak learning rate")
@@ -107,7 +108,7 @@ def validate(config: Config) -> None:
     """Raise ValueError naming the first bad setting (flag spelling, value, what is valid)."""
     c = config
     choices = (("model", MODELS), ("dataset", DATASETS), ("algorithm", ALGORITHMS), ("schedule", SCHEDULES),
-               ("dtype", DTYPES), ("stash", STASH_MODES), ("split_by", MEASURES),
+               ("dtype", DTYPES), ("stash", STASH_CHOICES), ("split_by", MEASURES),
                ("split_unit", SPLIT_UNITS),
                ("correction", CORRECTIONS))
     for name, valid in choices:

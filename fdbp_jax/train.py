@@ -249,7 +249,8 @@ def _train_and_evaluate(config: Config, workdir: str, resume: bool, overwrite: b
     if len(train_data) < config.batch_size:
         raise ValueError(f"--batch-size {config.batch_size}: larger than the {len(train_data)} training examples")
     ticks = pipeline.ticks_per_epoch(len(train_data), config.batch_size)
-    trainer, boundaries = build_trainer(config, ticks, mesh)
+    stash = checkpoints.stash_to_resume(config) if resume else config.stash
+    trainer, boundaries = build_trainer(dataclasses.replace(config, stash=stash), ticks, mesh)
     state = trainer.init(jax.random.key(config.seed), np.zeros((config.batch_size, *spec.image_shape), np.float32))
     position = Position()
     if resume:  # the settings are checked on the checkpoint to restore, before its arrays are read
@@ -262,6 +263,7 @@ def _train_and_evaluate(config: Config, workdir: str, resume: bool, overwrite: b
         position.wall_time_s = previous_wall + time.time() - started
         checkpoints.save(position.epoch * ticks + position.index, state, {
             **dataclasses.asdict(position), "tick": position.epoch * ticks + position.index, "config": config.to_json(),
+            "stash": trainer.stash,  # the mode --stash auto chose: a resumed run needs its rings
         })
 
     main_process = jax.process_index() == 0  # writes metrics and summary; every process checkpoints
@@ -311,6 +313,7 @@ def _train_and_evaluate(config: Config, workdir: str, resume: bool, overwrite: b
         "interrupted_at": None if interrupted is None else {"epoch": interrupted[0], "index": interrupted[1]},
         "boundaries": boundaries,
         "pipeline_bubble": getattr(trainer.engine, "bubble_fraction", None),  # gpipe / 1f1b: idle share of a step
+        "stash": trainer.stash,  # FDBP on a mesh: the stash mode it ran (what --stash auto chose)
         "history": history,
         "config": config.to_json(),
         "jax_version": jax.__version__,

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from fdbp_jax import distributed, engines
 from fdbp_jax.corrections import Correction, as_correction
 from fdbp_jax.delays import DelayModel
-from fdbp_jax.engines import STASH_MODES, Engine, EngineOptions
+from fdbp_jax.engines import AUTO_STASH, STASH_CHOICES, Engine, EngineOptions
 from fdbp_jax.mesh import check_mesh, num_devices
 from fdbp_jax.schedule import stage_delay
 from fdbp_jax.boundaries import is_array, pack_boundaries
@@ -39,10 +39,12 @@ class Trainer:
     With a mesh, FDBP and the pipelines run stage k on the devices of mesh column k, replicated
     over "data"; BP replicates the whole model on every device. With ``mesh=None`` the
     single-device emulator runs the same algorithm, simulating ``replicas`` data-parallel workers. ``stash`` picks what the mesh
-    engine keeps of each in-flight forward: its input and weights ("recompute", the default: the
-    forward runs again in the backward), the outputs of its convolutions and matmuls ("selective": the
-    backward re-runs only the elementwise ops between them) or all its VJP residuals ("residuals": no
-    recomputation, the most memory).
+    engine keeps of each in-flight forward: its input and weights ("recompute": the forward runs
+    again in the backward; the least memory), the outputs of its convolutions and matmuls
+    ("selective": the backward re-runs only the elementwise ops between them) or all its VJP residuals
+    ("residuals": no recomputation, the most memory). The default, "auto", takes at `init` the fastest
+    of selective and recompute whose stash fits in the device's memory (`engines/_stash_choice.py`);
+    `Trainer.stash` then names it.
     ``delays`` (a `DelayModel`, emulator only) draws each stage's gradient delay at random per tick
     instead of the fixed 2(K-1-k): FDBP with stochastic staleness. ``compute_dtype="bfloat16"``:
     activations, messages between stages and compute in bfloat16; parameters, gradients, optimizer
@@ -68,7 +70,7 @@ class Trainer:
         algorithm: str = "fdbp",
         shrink: float = 1.0,
         replicas: int | None = None,
-        stash: str = "recompute",
+        stash: str = AUTO_STASH,
         skip_nonfinite: bool = False,
         delays: DelayModel | None = None,
         compute_dtype: str = "float32",
@@ -85,8 +87,8 @@ class Trainer:
             raise ValueError(f"algorithm={algorithm!r} is not known: use one of {ALGORITHMS}")
         if not isinstance(shrink, (int, float)) or not 0.0 < shrink <= 1.0:
             raise ValueError(f"shrink={shrink!r} must be in (0, 1] (1.0 = no gradient shrinking)")
-        if stash not in STASH_MODES:
-            raise ValueError(f"stash={stash!r} is not known: use one of {STASH_MODES}")
+        if stash not in STASH_CHOICES:
+            raise ValueError(f"stash={stash!r} is not known: use one of {STASH_CHOICES}")
         if replicas is not None and (not isinstance(replicas, int) or replicas < 1):
             raise ValueError(f"replicas={replicas!r} must be a positive integer")
         if delays is not None:
@@ -143,6 +145,11 @@ class Trainer:
     @property
     def num_stages(self) -> int:
         return len(self.stages)
+
+    @property
+    def stash(self) -> str | None:
+        """The stash FDBP's mesh engine runs (after `init`, "auto" resolved to a mode); None for other engines."""
+        return getattr(self.engine, "stash", None)
 
     def init(
         self, rng: jax.Array, example_x: Any, variables: Sequence[dict] | None = None, example_y: Any = None

@@ -9,7 +9,7 @@ import pytest
 import toy
 
 import fdbp_jax as fj
-from fdbp_jax.engines import _mesh_layer
+from fdbp_jax.engines import _mesh_layer, _stash_choice
 
 OPTIMIZERS = {"sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9), "adam": lambda: optax.adam(1e-3)}
 
@@ -101,6 +101,30 @@ def test_stage_parameters_live_only_on_their_stage_devices():
         for shard in leaf.addressable_shards:
             stage = list(mesh.devices.flat).index(shard.device) % 4
             assert shard.data.shape[0] == 1 and shard.index[0] == slice(stage, stage + 1)
+
+
+def test_auto_stash_takes_the_fastest_mode_whose_rings_fit(monkeypatch):
+    """stash="auto" (the default) runs selective where its rings take at most half of a device's memory,
+    else recompute, judged at init from the rings' exact bytes per device: the state's own."""
+    sizes = {"selective": 600, "recompute": 100}
+    assert _stash_choice.fastest_fitting_stash(sizes.get, 1200) == "selective"
+    assert _stash_choice.fastest_fitting_stash(sizes.get, 1199) == "recompute"
+    assert _stash_choice.fastest_fitting_stash(lambda mode: 10**15, 1) == "recompute"  # the last, whatever it needs
+    xs, _ = toy.batches(1, batch=16)
+    build = lambda: fj.Trainer(toy.conv_stages(4), toy.cross_entropy, optax.sgd(0.1), mesh=fj.make_mesh(2, 4))
+    trainer = build()
+    assert trainer.stash == "auto"
+    state = trainer.init(jax.random.key(0), xs[0])
+    assert trainer.stash == "selective"  # this host holds it easily
+    per_device = sum(ring.addressable_shards[0].data.nbytes for ring in jax.tree.leaves(state.stash))
+    assert per_device > 0 and not jax.tree.leaves(state.stash_params)
+    for memory, chosen in ((2 * per_device, "selective"), (2 * per_device - 2, "recompute")):
+        monkeypatch.setattr(_stash_choice, "device_memory_bytes", lambda device, local, memory=memory: memory)
+        trainer = build()
+        trainer.init(jax.random.key(0), xs[0])
+        assert trainer.stash == chosen
+    with pytest.raises(ValueError, match=r"stash='fastest' is not known: use one of \('auto', 'recompute'"):
+        fj.Trainer(toy.conv_stages(4), toy.cross_entropy, optax.sgd(0.1), stash="fastest")
 
 
 @pytest.mark.parametrize("stash", ["recompute", "residuals"])

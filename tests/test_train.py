@@ -99,6 +99,12 @@ def test_resume_refuses_other_settings(tmp_path):
     with pytest.raises(ValueError, match=r"other settings: lr 0.05 \(checkpoint\) vs 0.1 \(now\)"):
         train.train_and_evaluate(Config(**{**TINY, "lr": 0.1}, epochs=2), str(tmp_path), resume=True,
                                  datasets=datasets, show_progress=False)
+    # --stash auto (the default) ran the fastest stash that fits, selective on this host; a resume must
+    # keep that mode's rings: auto takes it, another mode is refused by name
+    assert json.load(open(tmp_path / "summary.json"))["stash"] == "selective"
+    with pytest.raises(ValueError, match=r"other settings: stash 'selective' \(checkpoint\) vs 'recompute' \(now\)"):
+        train.train_and_evaluate(Config(**TINY, epochs=2, stash="recompute"), str(tmp_path), resume=True,
+                                 datasets=datasets, show_progress=False)
     with pytest.raises(ValueError, match="already holds a run"):
         train.train_and_evaluate(Config(**TINY, epochs=1), str(tmp_path), datasets=datasets, show_progress=False)
 

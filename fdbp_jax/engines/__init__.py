@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from fdbp_jax.corrections import Correction, NoCorrection
 from fdbp_jax.delays import DelayModel
+from fdbp_jax.engines._stash_choice import AUTO as AUTO_STASH
 from fdbp_jax.engines.bp import Backprop
 from fdbp_jax.engines.fdbp_emulator import Emulator
 from fdbp_jax.engines.fdbp_mesh import STASH_MODES, MeshEngine
@@ -58,7 +59,7 @@ class EngineOptions:
     mesh: Mesh | None = None
     replicas: int = 1  # data-parallel workers (the mesh's, or simulated by vmap without one)
     shrink: float = 1.0
-    stash: str = "recompute"
+    stash: str = AUTO_STASH
     skip_nonfinite: bool = False
     delays: DelayModel | None = None
     microbatches: int = 1
@@ -129,5 +130,7 @@ def pipeline_timetable(algorithm: str, num_stages: int, microbatches: int) -> Ti
     return build.timetable(num_stages, microbatches)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "Engine", "EngineOptions", "STASH_MODES", "SynchronousPipeline",
-           "pipeline_timetable"]
+STASH_CHOICES = (AUTO_STASH, *STASH_MODES)  # what `stash=` takes: a mode, or the fastest that fits
+
+__all__ = ["ALGORITHMS", "AUTO_STASH", "Algorithm", "Engine", "EngineOptions", "STASH_CHOICES", "STASH_MODES",
+           "SynchronousPipeline", "pipeline_timetable"]

@@ -6,13 +6,15 @@ move to stage k+1 and input-gradients to stage k-1 as swaps over the links betwe
 (`_link_swap.py`: one `ppermute` per phase carries both directions), the labels by their own `ppermute`;
 parameter gradients are averaged by `pmean` along "data".
 
-The stash of in-flight forwards stays on device. With ``stash="recompute"`` (default) it holds each
+The stash of in-flight forwards stays on device. With ``stash="recompute"`` it holds each
 forward's input and weights, and the backward re-runs that forward to get its exact VJP (~1/3 more
 compute). With ``stash="residuals"`` it holds the forward's VJP residuals and applies that
 forward's own pullback: no recomputation, but far more memory and copying (measured slower on CPU;
 see docs/performance.md). ``stash="selective"`` is in between: the forward runs under
 `jax.checkpoint` with a policy that saves the outputs of convolutions and matmuls, so the stash holds
 those (with the input and weights) and the backward re-runs only the cheap elementwise ops between them.
+``stash="auto"`` (`Trainer`'s default) picks, at `init`, the fastest of these whose rings fit in the
+device's memory (`_stash_choice.py`); `stash` then names the mode chosen.
 
 Each stage's part of the tick is `fdbp_stage.StageTick`, shared with the emulators; a staleness
 correction that moves the forward's weights (`predict`) gets the stage's optimizer state, unpacked
@@ -35,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 from fdbp_jax import schedule
 from fdbp_jax.corrections import Correction, NoCorrection
 from fdbp_jax.distributed import place
-from fdbp_jax.engines import _link_swap
+from fdbp_jax.engines import _link_swap, _stash_choice
 from fdbp_jax.engines._flat import SlotLayout, mean_over
 from fdbp_jax.engines._mesh_layer import (
     STAGE,
@@ -128,14 +130,15 @@ class MeshEngine(StagedMeshEngine):
         shrink: float, mesh: Mesh, stash: str = "recompute", skip_nonfinite: bool = False,
         correction: Correction = NoCorrection(),
     ):
-        if stash not in STASH_MODES:
-            raise ValueError(f"stash={stash!r} is not known: use one of {STASH_MODES}")
+        if stash not in (_stash_choice.AUTO, *STASH_MODES):
+            raise ValueError(f"stash={stash!r} is not known: use one of {(_stash_choice.AUTO, *STASH_MODES)}")
         self.stages = list(stages)
         self.loss_fn = loss_fn
         self.optimizers = list(optimizers)  # one per stage
         self.shrink = shrink
         self.mesh = mesh
-        self.stash = stash
+        self.requested_stash = stash
+        self.stash = stash  # "auto" chosen by `init`
         self.skip_nonfinite = skip_nonfinite
         self.correction = correction
         self.stage_ticks = [StageTick(s, k, len(self.stages), loss_fn, shrink, correction)
@@ -154,12 +157,19 @@ class MeshEngine(StagedMeshEngine):
         params, model_state = zip(*(split_variables(v) for v in variables))
         opt_state = [o.init(p) for o, p in zip(self.optimizers, params)]
         self.packed = packed = PackedStages.build(params, model_state, opt_state, shapes)
-        self.stash_slots = SlotLayout.of([
-            jax.eval_shape(partial(self._stash_entry_shapes, k), params[k], model_state[k], shapes[k])
-            for k in range(K - 1)
-        ])
         b, D = shapes[0].shape[0], schedule.stash_depth(0, K)
         packed_params, packed_state, packed_opt = packed.stack(params, model_state, opt_state)
+        layout = lambda stash: self._stash_layout(stash, params, model_state, shapes)
+        self.stash = self.requested_stash
+        if self.stash == _stash_choice.AUTO:
+            def ring_bytes(stash: str) -> int:  # one device's stash rings (entries, and weights to recompute with)
+                weights = (packed_params, packed_state) if stash == "recompute" else ()
+                return D * (sum(w * np.dtype(d).itemsize for d, w in layout(stash).slots)
+                            + sum(v[0].nbytes for tree in weights for v in tree.values()))
+            local = self.mesh.local_devices
+            self.stash = _stash_choice.fastest_fitting_stash(
+                ring_bytes, _stash_choice.device_memory_bytes(local[0], len(local)))
+        self.stash_slots = layout(self.stash)
         message = lambda: np.zeros((K, N, b, packed.message_width), packed.message_dtype)
         rings = {
             "stash": tuple(np.zeros((K, N, D, width), d) for d, width in self.stash_slots.slots),
@@ -195,17 +205,24 @@ class MeshEngine(StagedMeshEngine):
             return {}
         return {d: np.zeros((v.shape[0], depth, v.shape[1]), v.dtype) for d, v in packed.items()}
 
-    def _stash_entry_shapes(self, k, params, model_state, x):
+    def _stash_layout(self, stash: str, params, model_state, shapes) -> SlotLayout:
+        """The slots of one stash entry (per replica) of every stage k < K-1 with this stash mode."""
+        return SlotLayout.of([
+            jax.eval_shape(partial(self._stash_entry_shapes, stash, k), params[k], model_state[k], shapes[k])
+            for k in range(self.num_stages - 1)
+        ])
+
+    def _stash_entry_shapes(self, stash, k, params, model_state, x):
         """What stage k keeps of one forward (per replica): the VJP residuals, or the input."""
-        if self.stash == "recompute":
+        if stash == "recompute":
             return [x]
         key = self.stages[k].forward_key(0, 0)
-        return jax.tree.leaves(self._forward_with_pullback(k, params, model_state, x, key)[1])
+        return jax.tree.leaves(self._forward_with_pullback(stash, k, params, model_state, x, key)[1])
 
-    def _forward_with_pullback(self, k, params, model_state, x, key):
+    def _forward_with_pullback(self, stash, k, params, model_state, x, key):
         """Stage k's training forward and its pullback (w.r.t. params, and the input unless k = 0)."""
         stage = self.stages[k]
-        if self.stash == "selective":  # the key travels as its raw bits: a re-run forward needs it, and
+        if stash == "selective":  # the key travels as its raw bits: a re-run forward needs it, and
             # residuals are packed into arrays of plain dtypes
             rerun = jax.checkpoint(
                 lambda p, h, bits: stage.apply(p, model_state, h, train=True, key=jax.random.wrap_key_data(bits)),
@@ -320,7 +337,7 @@ class MeshEngine(StagedMeshEngine):
                 forward_params = packed.pack_params(k, params)
             if self.stash != "recompute":  # the stashed forward's own pullback, from its residuals
                 outputs, pullback, fwd_state = self._forward_with_pullback(
-                    k, params, model_state, x_in, work.forward_key(t, replica))
+                    self.stash, k, params, model_state, x_in, work.forward_key(t, replica))
                 leaves, treedef = jax.tree.flatten(pullback)
                 if [(leaf.shape, leaf.dtype) for leaf in leaves] != self.stash_slots.shapes(k):
                     raise RuntimeError(f"stage {k}: VJP residuals differ between init and tick tracing")
