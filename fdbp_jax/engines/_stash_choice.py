@@ -7,8 +7,9 @@ least memory, the fallback). "residuals" saves everything but copies more and me
 "selective" everywhere, so auto never picks it. What fits is judged before anything is compiled, from
 the stash rings' exact bytes per device (their shapes, traced by `jax.eval_shape`): a mode fits when
 its rings take at most `STASH_MEMORY_SHARE` of the device's memory, leaving the rest to the weights,
-optimizer state and one tick's temporaries. No GPU or TPU run has tested the order; pass a stash by
-name to override it.
+optimizer state and one tick's temporaries. With several processes a mode is taken only if it fits on
+every process, so that all of them build the same rings. No GPU or TPU run has tested the order;
+pass a stash by name to override it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import os
 from typing import Callable, Sequence
 
 import jax
+
+from fdbp_jax import distributed
 
 AUTO = "auto"
 SPEED_ORDER = ("selective", "recompute")  # fastest first; the last is taken whatever it needs
@@ -35,8 +38,8 @@ def device_memory_bytes(device: jax.Device, local_devices: int) -> int:
 def fastest_fitting_stash(stash_bytes: Callable[[str], int], memory_bytes: int,
                           order: Sequence[str] = SPEED_ORDER) -> str:
     """The first mode of `order` whose rings (`stash_bytes(mode)`, per device) take at most
-    `STASH_MEMORY_SHARE` of `memory_bytes`; the last mode if none does."""
+    `STASH_MEMORY_SHARE` of `memory_bytes` on every process; the last mode if none does."""
     for mode in order[:-1]:
-        if stash_bytes(mode) <= STASH_MEMORY_SHARE * memory_bytes:
+        if not distributed.any_process(stash_bytes(mode) > STASH_MEMORY_SHARE * memory_bytes):
             return mode
     return order[-1]
