@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import subprocess
 import sys
 import time
 from typing import Callable, Sequence
@@ -38,8 +39,21 @@ from fdbp_jax.losses import cross_entropy
 BATCHES = (8, 16, 32, 64, 128, 256)
 
 
+def source_commit() -> str | None:
+    """The git commit of the fdbp_jax checkout that runs, with "+changes" where its tracked files differ
+    from it; None where fdbp_jax is not in a git checkout (an installed wheel)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        git = lambda *args: subprocess.run(["git", "-C", here, *args], capture_output=True, text=True,
+                                           timeout=30, check=True).stdout.strip()
+        commit, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+changes" if changes else "")
+
+
 def provenance() -> dict:
-    """Where a measurement ran: device, software versions, host and date."""
+    """Where a measurement ran: device, software versions, host, date and the code's commit."""
     import flax
 
     device = jax.devices()[0]
@@ -48,6 +62,7 @@ def provenance() -> dict:
         "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
         "python": platform.python_version(), "host": platform.node(), "cpu_count": os.cpu_count(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": source_commit(),
     }
 
 

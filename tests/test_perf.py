@@ -128,3 +128,18 @@ def test_link_fitted_to_the_measured_links_reproduces_them():
     assert link.latency > 0 and link.bandwidth > 0
     np.testing.assert_allclose(link.transfer(links["message_bytes"]), links["ppermute_s"], rtol=1e-9)
     np.testing.assert_allclose(link.all_reduce(links["gradient_bytes"], 2), links["all_reduce_s"], rtol=1e-9)
+
+
+def test_provenance_names_the_commit_measured():
+    """Every benchmark's provenance (`costs.provenance`) says which code ran: the checkout's HEAD, marked
+    "+changes" exactly when its tracked files differ from it."""
+    import subprocess
+
+    from fdbp_jax import costs
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, ".git")):
+        pytest.skip("not a git checkout: provenance's commit is None there")
+    git = lambda *args: subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, check=True).stdout
+    head, changed = git("rev-parse", "HEAD").strip(), bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    assert costs.provenance()["commit"] == head + ("+changes" if changed else "")
