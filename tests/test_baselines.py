@@ -61,3 +61,18 @@ def test_multi_stage_fdbp_differs_from_backprop():
     bp, _, initial = train(stages, "bp")
     fdbp, _, _ = train(stages, "fdbp", variables=initial)
     assert toy.max_relative_error(bp, fdbp) > 1e-3
+
+
+def test_single_stage_fdbp_tick_has_only_backprop_collectives():
+    """K=1 on a mesh moves nothing between stages: its compiled tick holds no collective-permute and no
+    more all-reduces than BP's step. On XLA:CPU each collective holds every device at a rendezvous;
+    the empty label ppermute and the size-1 metrics psum cost K=1 ~5 % against BP (measured)."""
+    xs, ys = toy.batches(1)
+    texts = {}
+    for algorithm in ("bp", "fdbp"):
+        trainer = fj.Trainer(toy.conv_stages(1), toy.cross_entropy, optax.sgd(0.1), mesh=fj.make_mesh(2, 1),
+                             algorithm=algorithm)
+        state = trainer.init(jax.random.key(0), xs[0])
+        texts[algorithm] = trainer.compiled_step(state, xs[0], ys[0]).as_text()
+    assert "collective-permute" not in texts["fdbp"]
+    assert 1 <= texts["fdbp"].count(" all-reduce(") <= texts["bp"].count(" all-reduce(")

@@ -164,6 +164,8 @@ def stage_metrics(loss: jax.Array, nonfinite: jax.Array, num_stages: int):
     process can read them: one psum along "stage" of each stage's row placed at its index, zeros
     elsewhere (exact; an all_gather of the same rows costs 30x the latency over gloo: 3.6 vs 0.13 ms)."""
     row = jnp.stack([loss.astype(jnp.float32), nonfinite.astype(jnp.float32)])
+    if num_stages == 1:  # no collective: XLA:CPU would still hold its devices at a rendezvous
+        return row[0], row[1:] > 0
     own = (jnp.arange(num_stages) == jax.lax.axis_index("stage"))[:, None]
     rows = jax.lax.psum(jnp.where(own, row[None, :], 0.0), "stage")
     return rows[num_stages - 1, 0], rows[:, 1] > 0

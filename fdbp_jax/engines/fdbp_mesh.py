@@ -307,7 +307,9 @@ class MeshEngine(StagedMeshEngine):
             due_params=None,
             due_model_state=None,
             messages=tuple(m[None] for m in _link_swap.swap(outbox, K)),
-            label_msg=jax.lax.ppermute(labels_out, "stage", forward_pairs)[None],
+            # one stage sends no labels (an empty ppermute still makes XLA:CPU's devices meet)
+            label_msg=(jax.lax.ppermute(labels_out, "stage", forward_pairs) if forward_pairs
+                       else jnp.zeros_like(labels_out))[None],
         )).replace(  # the rings and their due rows keep the local block shapes they arrived in
             tick=t + 1, **rings, due_stash=due_stash, due_params=due(rings["stash_params"]),
             due_model_state=due(rings["stash_model_state"]),
