@@ -6,9 +6,10 @@
 For ResNet-20 and an MLP: wall time per training example of one FDBP tick on a (2, 4) mesh (every
 stash mode), of one GPipe and one 1F1B step on the same mesh (each --microbatches M), and of one
 BP step on (8, 1) and on (2, 4), all in this process, median of --steps steps after warm-up; each
-compiled step's per-device memory (`memory_analysis`); BP on (8, 1) at FDBP's per-device batch (global 4x);
-FDBP's stash growth with K; the bytes sent
-between stages per tick; and the speed model's predicted vs measured tick. Writes <out>/bench.json.
+compiled step's per-device memory (`memory_analysis`); BP on (8, 1) at FDBP's per-device batch
+(global 4x), and FDBP with one stage there (data-parallel SGD through the FDBP engine: its own
+overhead); FDBP's stash growth with K; the bytes sent between stages per tick; and the speed
+model's predicted vs measured tick. Writes <out>/bench.json.
 The last line printed is the ResNet-20 ratio FDBP (fastest stash) / best BP.
 """
 
@@ -161,6 +162,13 @@ def main(argv=None) -> int:
             mode: row[f"fdbp (2,4) {mode}"]["step_s"] / args.batch / (step_s / (4 * args.batch)) for mode in STASH_MODES}
         print(f"{name:9s} bp (8,1) at global batch {4 * args.batch} ({args.batch // 2} per device): "
               f"{1e6 * step_s / (4 * args.batch):8.1f} us/example", flush=True)
+        # FDBP with one stage is data-parallel SGD: its time against BP's is the engine's own overhead
+        whole = partition.join_blocks(blocks, [])
+        _, k1_s, _ = timed_steps(fj.Trainer(whole, cross_entropy, opt, mesh=fj.make_mesh(8, 1)), *wide, args.steps)
+        row["fdbp K=1 (8,1) at FDBP's per-device batch"] = {"us_per_example": 1e6 * k1_s / (4 * args.batch),
+                                                             "ratio to bp": k1_s / step_s}
+        print(f"{name:9s} fdbp K=1 (8,1) at the same batch: {1e6 * k1_s / (4 * args.batch):8.1f} us/example "
+              f"({k1_s / step_s:.3f}x BP: the engine's overhead)", flush=True)
         stash_growth = {}
         for K in (2, 4, 8):
             if K > len(blocks):
