@@ -168,7 +168,7 @@ def config_differences(saved: dict, config: Config, ticks_per_epoch: int, saved_
         f"{key} {saved.get(key)!r} (checkpoint) vs {now[key]!r} (now)"
         for key in now
         if key not in RESUMABLE_CHANGES and saved.get(key) != now[key]
-        and not (key == "stash" and now[key] in (AUTO_STASH, saved[key]))
+        and not (key == "stash" and now[key] == AUTO_STASH)
     ]
     if not differences and saved.get("epochs") != config.epochs:
         previous = Config.from_json(saved)

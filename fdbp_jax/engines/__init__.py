@@ -22,7 +22,7 @@ from fdbp_jax.delays import DelayModel
 from fdbp_jax.engines._stash_choice import AUTO as AUTO_STASH
 from fdbp_jax.engines.bp import Backprop
 from fdbp_jax.engines.fdbp_emulator import Emulator
-from fdbp_jax.engines.fdbp_mesh import STASH_MODES, MeshEngine
+from fdbp_jax.engines.fdbp_mesh import STASH_CHOICES, STASH_MODES, MeshEngine
 from fdbp_jax.engines.fdbp_stochastic import StochasticEmulator
 from fdbp_jax.engines.gpipe import gpipe_order
 from fdbp_jax.engines.one_f_one_b import one_f_one_b_order
@@ -129,8 +129,6 @@ def pipeline_timetable(algorithm: str, num_stages: int, microbatches: int) -> Ti
         raise ValueError(f"algorithm {algorithm!r} has no timetable: the synchronous pipelines are {', '.join(pipelines)}")
     return build.timetable(num_stages, microbatches)
 
-
-STASH_CHOICES = (AUTO_STASH, *STASH_MODES)  # what `stash=` takes: a mode, or the fastest that fits
 
 __all__ = ["ALGORITHMS", "AUTO_STASH", "Algorithm", "Engine", "EngineOptions", "STASH_CHOICES", "STASH_MODES",
            "SynchronousPipeline", "pipeline_timetable"]

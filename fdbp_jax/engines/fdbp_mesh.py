@@ -23,7 +23,7 @@ inside its branch, and the stash keeps the weights the forward ran with.
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cache, partial
 from typing import NamedTuple, Sequence
 
 import flax.struct
@@ -57,6 +57,7 @@ from fdbp_jax.engines.fdbp_stage import StageTick, Stashed
 from fdbp_jax.stages import LossFn, Stage, finish_stage, split_variables
 
 STASH_MODES = ("recompute", "selective", "residuals")
+STASH_CHOICES = (_stash_choice.AUTO, *STASH_MODES)  # what `stash=` takes: a mode, or the fastest that fits
 # what "selective" keeps of a forward: the outputs of convolutions and matmuls (the rest is re-run)
 SELECTIVE_POLICY = jax.checkpoint_policies.dots_saveable
 
@@ -130,8 +131,8 @@ class MeshEngine(StagedMeshEngine):
         shrink: float, mesh: Mesh, stash: str = "recompute", skip_nonfinite: bool = False,
         correction: Correction = NoCorrection(),
     ):
-        if stash not in (_stash_choice.AUTO, *STASH_MODES):
-            raise ValueError(f"stash={stash!r} is not known: use one of {(_stash_choice.AUTO, *STASH_MODES)}")
+        if stash not in STASH_CHOICES:
+            raise ValueError(f"stash={stash!r} is not known: use one of {STASH_CHOICES}")
         self.stages = list(stages)
         self.loss_fn = loss_fn
         self.optimizers = list(optimizers)  # one per stage
@@ -159,7 +160,7 @@ class MeshEngine(StagedMeshEngine):
         self.packed = packed = PackedStages.build(params, model_state, opt_state, shapes)
         b, D = shapes[0].shape[0], schedule.stash_depth(0, K)
         packed_params, packed_state, packed_opt = packed.stack(params, model_state, opt_state)
-        layout = lambda stash: self._stash_layout(stash, params, model_state, shapes)
+        layout = cache(lambda stash: self._stash_layout(stash, params, model_state, shapes))  # traced once a mode
         self.stash = self.requested_stash
         if self.stash == _stash_choice.AUTO:
             def ring_bytes(stash: str) -> int:  # one device's stash rings (entries, and weights to recompute with)
