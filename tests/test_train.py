@@ -210,10 +210,11 @@ def test_vit_at_k8_on_the_mesh_follows_the_emulator_with_weight_prediction(tmp_p
 
 
 def test_vit_at_k16_in_the_emulator_trains_with_and_without_weight_prediction(tmp_path):
-    data = (tiny_cifar(256, 0), tiny_cifar(8, 1))
+    data = (tiny_cifar(128, 0), tiny_cifar(8, 1))
     runs = {}
-    for correction in ("none", "predict"):  # 32 ticks: stage 0 (delay 30) updates twice, the others more
-        config = Config(**{**DEEP, "stages": 16, "emulate": True, "correction": correction, "train_examples": 256})
+    for correction in ("none", "predict"):  # 32 ticks of 4: stage 0 (delay 30) updates twice, the others more
+        config = Config(**{**DEEP, "stages": 16, "emulate": True, "correction": correction, "train_examples": 128,
+                           "batch_size": 4})
         runs[correction] = train.train_and_evaluate(config, str(tmp_path / correction), datasets=data,
                                                     show_progress=False)
     losses = [r.summary["final_train_loss"] for r in runs.values()]
