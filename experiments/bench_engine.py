@@ -9,7 +9,7 @@ BP step on (8, 1) and on (2, 4), all in this process, median of --steps steps af
 compiled step's per-device memory (`memory_analysis`); BP on (8, 1) at FDBP's per-device batch
 (global 4x), and FDBP with one stage there (data-parallel SGD through the FDBP engine: its own
 overhead); FDBP's stash growth with K; the bytes sent between stages per tick; and the speed
-model's predicted vs measured tick. Writes <out>/bench.json.
+model's predicted vs measured tick (recompute and selective stashes). Writes <out>/bench.json.
 The last line printed is the ResNet-20 ratio FDBP (fastest stash) / best BP.
 """
 
@@ -94,12 +94,13 @@ def engine_memory(trainer, state, compiled: dict) -> dict:
     }
 
 
-def stage_costs(blocks, boundaries, local_batch: int, repeats: int = 5) -> list[perf.StageCost]:
-    """Each stage's tick work measured on one device at `local_batch` (fdbp_jax.costs)."""
+def stage_costs(blocks, boundaries, local_batch: int, repeats: int = 5) -> dict[str, list[perf.StageCost]]:
+    """Each stage's tick work measured on one device at `local_batch` (fdbp_jax.costs), per modeled stash."""
     split = costs.new_split(boundaries)
     costs.measure_split(split, blocks, len(boundaries) + 1, (32, 32, 3), local_batch, costs.default_optimizer(),
                         repeats)
-    return perf.stage_costs({"splits": {str(len(boundaries) + 1): split}}, len(boundaries) + 1)
+    measured = {"splits": {str(len(boundaries) + 1): split}}
+    return {stash: perf.stage_costs(measured, len(boundaries) + 1, stash=stash) for stash in perf.TICK_CURVES}
 
 
 def main(argv=None) -> int:
@@ -179,14 +180,15 @@ def main(argv=None) -> int:
             state = trainer.init(jax.random.key(0), x)
             stash_growth[K] = per_device_bytes((state.stash, state.stash_params, state.stash_model_state))
         row["stash_bytes_per_device_by_K (N=1)"] = stash_growth
-        measured_stages = stage_costs(blocks, cut, args.batch // 2)
-        predicted = perf.shared_cores_tick_time(measured_stages, args.batch, 2, cores=os.cpu_count())
-        measured = row["fdbp (2,4) recompute"]["step_s"]
-        row["model"] = {"predicted_tick_s": predicted, "measured_tick_s": measured,
-                        "relative_error": (predicted - measured) / measured,
-                        "stage_tick_s": [c.work(args.batch // 2) for c in measured_stages]}
-        print(f"{name:9s} speed model: predicted tick {predicted * 1e3:.1f} ms, measured {measured * 1e3:.1f} ms "
-              f"({100 * (predicted - measured) / measured:+.0f}%)", flush=True)
+        row["model"] = {}
+        for stash, measured_stages in stage_costs(blocks, cut, args.batch // 2).items():
+            predicted = perf.shared_cores_tick_time(measured_stages, args.batch, 2, cores=os.cpu_count())
+            measured = row[f"fdbp (2,4) {stash}"]["step_s"]
+            row["model"][stash] = {"predicted_tick_s": predicted, "measured_tick_s": measured,
+                                   "relative_error": (predicted - measured) / measured,
+                                   "stage_tick_s": [c.work(args.batch // 2) for c in measured_stages]}
+            print(f"{name:9s} speed model, {stash} stash: predicted tick {predicted * 1e3:.1f} ms, measured "
+                  f"{measured * 1e3:.1f} ms ({100 * (predicted - measured) / measured:+.0f}%)", flush=True)
         results[name] = row
         ratio = row[f"ratio {row['fastest stash']}"] if name == "resnet20" else ratio
     results["provenance"] = {**costs.provenance(), "steps": args.steps, "batch": args.batch}

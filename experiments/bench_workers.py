@@ -185,8 +185,8 @@ def measure_links(trainer, microbatches: int) -> dict:
 
 def run_cost_worker(settings: dict) -> int:
     """One worker of the speed model's check: the curves `fdbp_jax.perf` predicts from, measured on this
-    one device: the BP step at the global and the per-worker batch, and every stage's tick work (forward,
-    re-run forward and backward, update) of each split at the batches its engines run. Prints JSON."""
+    one device: the BP step at the global and the per-worker batch, and every stage's tick work (with the
+    recompute stash: forward, re-run forward and backward, update; and with the selective one) of each split at the batches its engines run. Prints JSON."""
     keep_memory(settings)
     import jax
 
@@ -218,7 +218,7 @@ def fitted_link(links: dict):
 
 def predicted_seconds(row: dict, measured: dict, link, processes: int, batch: int) -> float | None:
     """What `fdbp_jax.perf` predicts for one benchmark row from one worker's curves and the fitted link;
-    None where it has no model (the selective and residual stashes: its stage curve re-runs the forward)."""
+    None where it has no model (the residual stash: `costs` measures no tick curve for it)."""
     from fdbp_jax import perf
     from fdbp_jax.engines import pipeline_timetable
 
@@ -227,10 +227,11 @@ def predicted_seconds(row: dict, measured: dict, link, processes: int, batch: in
         param_bytes = 4 * sum(s["param_count"] for s in split["stages"])
         return perf.bp_step_time(perf.Curve(tuple(map(tuple, measured["bp_step"]))), param_bytes, batch,
                                  row["workers"], link)
-    if row["algorithm"] == "fdbp" and row["stash"] != "recompute":
+    stash = row["stash"] if row["algorithm"] == "fdbp" else "recompute"  # the pipelines' backwards re-run forwards
+    if stash not in perf.TICK_CURVES:
         return None
     split = measured["splits"][",".join(map(str, row["boundaries"]))]
-    stages = perf.stage_costs({"splits": {str(processes): split}}, processes)
+    stages = perf.stage_costs({"splits": {str(processes): split}}, processes, stash=stash)
     if row["algorithm"] == "fdbp":
         return perf.fdbp_tick_time(stages, batch, 1, link)
     timetable = pipeline_timetable(row["algorithm"], processes, row["microbatches"])

@@ -1,6 +1,8 @@
 """Measured costs of a model's work on the current device, at several per-device batches: each
 stage's forward and its whole tick (forward of the new batch + delayed backward with its recomputed
-forward + optax update, as one jitted call, as the FDBP tick runs it), and the whole model's BP step.
+forward + optax update, as one jitted call, as the FDBP tick runs it; and the same with the "selective"
+stash: the forward saves its conv and matmul outputs, the backward re-runs the rest from a stashed
+forward's), and the whole model's BP step.
 The speed model (`fdbp_jax.perf`) reads these curves instead of assuming compute linear in the batch.
 
 The result is plain JSON (`measure_model` returns it, `experiments/measure_costs.py` writes it):
@@ -10,6 +12,7 @@ The result is plain JSON (`measure_model` returns it, `experiments/measure_costs
      "splits": {"4": {"boundaries": [...], "stages": [       # one entry per stage k
          {"forward": [[batch, seconds], ...],                # training forward alone
           "tick": [[batch, seconds], ...],                   # the stage's whole tick work
+          "tick_selective": [[batch, seconds], ...],         # the same with the "selective" stash
           "update_s": seconds,                               # the optax update alone
           "activation_elements": n,                          # per example, of the stage's output
           "param_count": n}, ...]}}}
@@ -32,6 +35,7 @@ import optax
 
 from fdbp_jax import models, partition
 from fdbp_jax.engines._cpu_convolutions import fast_convolutions
+from fdbp_jax.engines.fdbp_mesh import SELECTIVE_POLICY
 from fdbp_jax.perf import median_seconds, random_inputs
 from fdbp_jax.stages import Stage, apply_update, backprop_grads, delayed_grads, last_stage_grads, split_variables
 from fdbp_jax.losses import cross_entropy
@@ -86,7 +90,9 @@ def measure_stage(
     stage: Stage, k: int, num_stages: int, input_shape: tuple, batch: int, optimizer: optax.GradientTransformation,
     repeats: int, classes: int = 10,
 ) -> dict:
-    """Seconds of stage k's training forward and of its whole tick work on `batch` examples."""
+    """Seconds of stage k's training forward and of its whole tick work on `batch` examples, with the
+    recompute stash ("tick") and the selective one ("tick_selective"; the last stage stashes nothing,
+    so its two are one measurement)."""
     x = _random_batch(input_shape, batch)
     params, model_state = split_variables(stage.init(jax.random.key(0), x))
     opt_state = optimizer.init(params)
@@ -100,6 +106,7 @@ def measure_stage(
             return d_input, *apply_update(optimizer, p, o, d_params)
 
         tick_args = (params, opt_state, x)
+        selective = None
     else:
         output_grad = random_inputs(out, seed=1)
 
@@ -109,13 +116,35 @@ def measure_stage(
             return y, d_input, *apply_update(optimizer, p, o, d_params)
 
         tick_args = (params, opt_state, x, _random_batch(input_shape, batch, seed=2), output_grad)
+        selective = _selective_tick(stage, k, model_state, optimizer, tick_args)
+    timed = lambda fn, args: median_seconds(jax.jit(fast_convolutions(fn, jax.default_backend())), *args,
+                                            repeats=repeats)
+    ticks = {"tick": timed(tick, tick_args)}
+    ticks["tick_selective"] = ticks["tick"] if selective is None else timed(*selective)
     return {
         "forward": median_seconds(forward, params, x, repeats=repeats),
-        "tick": median_seconds(jax.jit(fast_convolutions(tick, jax.default_backend())), *tick_args, repeats=repeats),
+        **ticks,
         "output_shape": jax.tree.map(lambda o: tuple(o.shape[1:]), out),
         "params": params,
         "opt_state": opt_state,
     }
+
+
+def _selective_tick(stage: Stage, k: int, model_state, optimizer, tick_args) -> tuple[Callable, tuple]:
+    """The tick of stage k < K-1 with the selective stash, as the mesh engine runs it, and its arguments:
+    the new batch's forward under `jax.checkpoint` (SELECTIVE_POLICY) keeping its residuals, and the
+    pullback of the residuals a forward of the old batch stashed."""
+    params, opt_state, h_new, h_old, output_grad = tick_args
+    rerun = jax.checkpoint(lambda p, h: stage.apply(p, model_state, h, train=True)[0], policy=SELECTIVE_POLICY)
+    forward_with_pullback = (lambda p, h: jax.vjp(rerun, p, h)) if k > 0 else (lambda p, h: jax.vjp(lambda q: rerun(q, h), p))
+    stashed, treedef = jax.tree.flatten(forward_with_pullback(params, h_old)[1])
+
+    def tick(p, o, h, residuals, g):
+        y, pullback = forward_with_pullback(p, h)
+        cotangents = jax.tree.unflatten(treedef, residuals)(g)
+        return y, jax.tree.leaves(pullback), cotangents[1:], *apply_update(optimizer, p, o, cotangents[0])
+
+    return tick, (params, opt_state, h_new, stashed, output_grad)
 
 
 def measure_update(params, opt_state, optimizer: optax.GradientTransformation, repeats: int) -> float:
@@ -146,7 +175,7 @@ def measure_bp_step(
 def new_split(boundaries: Sequence[int]) -> dict:
     """An empty entry of "splits" for the stages that start at `boundaries`."""
     return {"boundaries": list(boundaries), "stages": [
-        {"forward": [], "tick": [], "update_s": None, "activation_elements": None, "param_count": None}
+        {"forward": [], "tick": [], "tick_selective": [], "update_s": None, "activation_elements": None, "param_count": None}
         for _ in range(len(boundaries) + 1)]}
 
 
@@ -161,6 +190,7 @@ def measure_split(
         entry = split["stages"][k]
         entry["forward"].append([batch, measured["forward"]])
         entry["tick"].append([batch, measured["tick"]])
+        entry["tick_selective"].append([batch, measured["tick_selective"]])
         if entry["update_s"] is None:
             entry["update_s"] = measure_update(measured["params"], measured["opt_state"], optimizer, repeats)
             entry["activation_elements"] = sum(int(np.prod(shape)) for shape in

@@ -143,14 +143,25 @@ def shared_cores_tick_time(stages: Sequence[StageCost], batch: float, replicas: 
     return max(max(per_stage), replicas * sum(per_stage) / cores)
 
 
-def stage_costs(measured: dict, num_stages: int, bytes_per_element: int = 4) -> list[StageCost]:
-    """The K-stage split of a `fdbp_jax.costs` measurement as StageCosts."""
+TICK_CURVES = {"recompute": "tick", "selective": "tick_selective"}  # FDBP stash -> its stage tick curve in `costs`
+
+
+def stage_costs(measured: dict, num_stages: int, bytes_per_element: int = 4,
+                stash: str = "recompute") -> list[StageCost]:
+    """The K-stage split of a `fdbp_jax.costs` measurement as StageCosts, each stage's tick work that
+    of the FDBP `stash` (the recompute stash's is also what the synchronous pipelines' backwards cost)."""
+    if stash not in TICK_CURVES:
+        raise ValueError(f"stash={stash!r} has no measured tick curve: the speed model knows {tuple(TICK_CURVES)}")
     split = measured["splits"].get(str(num_stages))
     if split is None or not split["stages"][0]["tick"]:
         raise ValueError(f"the measurement of {measured.get('model')} has no curves for K={num_stages}: "
                          f"measured K are {sorted(measured['splits'])}")
+    curve = TICK_CURVES[stash]
+    if not split["stages"][0].get(curve):
+        raise ValueError(f"the measurement of {measured.get('model')} has no {curve!r} curves (made before "
+                         f"fdbp_jax.costs measured the {stash} stash): measure it again")
     return [
-        StageCost(Curve(tuple(map(tuple, s["tick"]))), bytes_per_element * s["activation_elements"], 4 * s["param_count"],
+        StageCost(Curve(tuple(map(tuple, s[curve]))), bytes_per_element * s["activation_elements"], 4 * s["param_count"],
                   s.get("update_s") or 0.0, Curve(tuple(map(tuple, s["forward"]))) if s.get("forward") else None)
         for s in split["stages"]
     ]

@@ -89,10 +89,10 @@ MEASURED = {
     "model": "toy",
     "bp_step": [[8, 0.5], [16, 0.75]],
     "splits": {"2": {"boundaries": [1], "stages": [
-        {"forward": [[8, 0.1]], "tick": [[8, 0.25], [16, 0.5]], "update_s": 0.01, "activation_elements": 6,
-         "param_count": 10},
-        {"forward": [[8, 0.1]], "tick": [[8, 0.125], [16, 0.25]], "update_s": 0.01, "activation_elements": 2,
-         "param_count": 30},
+        {"forward": [[8, 0.1]], "tick": [[8, 0.25], [16, 0.5]], "tick_selective": [[8, 0.2], [16, 0.4]],
+         "update_s": 0.01, "activation_elements": 6, "param_count": 10},
+        {"forward": [[8, 0.1]], "tick": [[8, 0.125], [16, 0.25]], "tick_selective": [[8, 0.125], [16, 0.25]],
+         "update_s": 0.01, "activation_elements": 2, "param_count": 30},
     ]}},
 }
 
@@ -108,6 +108,14 @@ def test_reading_a_measurement(tmp_path):
     assert step(12) == pytest.approx(0.625) and param_bytes == 160
     with pytest.raises(ValueError, match="K=4"):
         perf.stage_costs(measured, 4)
+    assert [s.work(12) for s in perf.stage_costs(measured, 2, stash="selective")] == pytest.approx([0.3, 0.1875])
+    with pytest.raises(ValueError, match="residuals"):
+        perf.stage_costs(measured, 2, stash="residuals")
+    older = json.loads(json.dumps(MEASURED))
+    for stage in older["splits"]["2"]["stages"]:
+        del stage["tick_selective"]
+    with pytest.raises(ValueError, match="tick_selective.*measure it again"):
+        perf.stage_costs(older, 2, stash="selective")
 
 
 def test_ticks_to_accuracy():
@@ -143,3 +151,33 @@ def test_provenance_names_the_commit_measured():
     git = lambda *args: subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, check=True).stdout
     head, changed = git("rev-parse", "HEAD").strip(), bool(git("status", "--porcelain", "--untracked-files=no").strip())
     assert costs.provenance()["commit"] == head + ("+changes" if changed else "")
+
+
+def test_the_selective_tick_that_costs_times_computes_the_exact_delayed_gradient():
+    """`costs` times the selective stash's tick as the mesh runs it: a new forward, and the pullback of
+    the residuals an old batch's forward kept, which are that forward's exact gradients."""
+    import flax.linen as nn
+    import jax
+    import optax
+
+    from fdbp_jax import costs
+    from fdbp_jax.stages import Stage, delayed_grads, split_variables
+
+    class ConvBlock(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = True):
+            return nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3))(x)))
+
+    stage = Stage(ConvBlock())
+    rng = np.random.default_rng(0)
+    h_new, h_old, g = (rng.normal(size=(2, 6, 6, c)).astype(np.float32) for c in (3, 3, 4))
+    params, model_state = split_variables(stage.init(jax.random.key(0), h_new))
+    optimizer = optax.sgd(0.1)
+    tick, args = costs._selective_tick(stage, 1, model_state, optimizer, (params, optimizer.init(params), h_new, h_old, g))
+    y, residuals, (d_input,), new_params, _ = jax.jit(tick)(*args)
+    d_params, expected_input, _ = delayed_grads(stage, params, model_state, h_old, g, input_grad=True)
+    np.testing.assert_allclose(y, stage.apply(params, model_state, h_new, train=True)[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(d_input, expected_input, rtol=1e-5, atol=1e-6)
+    expected_params = jax.tree.map(lambda p, d: p - 0.1 * d, params, d_params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new_params, expected_params)
+    assert len(residuals) == len(args[3])  # the new forward keeps what the old one kept
