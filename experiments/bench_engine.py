@@ -1,15 +1,17 @@
 """Engine overhead, memory, traffic and the speed model, measured on the 8-device CPU mesh.
 
     python experiments/bench_engine.py [--steps 20] [--batch 128] [--microbatches 4,8,16]
-        [--engines bp,fdbp,gpipe,1f1b] [--out runs/bench]
+        [--engines bp,fdbp,gpipe,1f1b] [--system-malloc] [--out runs/bench]
 
 For ResNet-20 and an MLP: wall time per training example of one FDBP tick on a (2, 4) mesh (every
 stash mode), of one GPipe and one 1F1B step on the same mesh (each --microbatches M), and of one
 BP step on (8, 1) and on (2, 4), all in this process, median of --steps steps after warm-up; each
-compiled step's per-device memory (`memory_analysis`); BP on (8, 1) at FDBP's per-device batch
-(global 4x), and FDBP with one stage there (data-parallel SGD through the FDBP engine: its own
-overhead); FDBP's stash growth with K; the bytes sent between stages per tick; and the speed
-model's predicted vs measured tick (recompute and selective stashes). Writes <out>/bench.json.
+compiled step's per-device memory (`memory_analysis`), and its CPU time (user, kernel) and page
+faults per step; BP on (8, 1) at FDBP's per-device batch (global 4x), and FDBP with one stage there
+(data-parallel SGD through the FDBP engine: its own overhead); FDBP's stash growth with K; the bytes
+sent between stages per tick; and the speed model's predicted vs measured tick (recompute and
+selective stashes). Unless --system-malloc, it restarts itself with malloc on transparent huge pages
+(`fdbp_jax.host_memory`), as fdbp-train does on a simulated mesh. Writes <out>/bench.json.
 The last line printed is the ResNet-20 ratio FDBP (fastest stash) / best BP.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 
 import jax
@@ -30,7 +33,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import fdbp_jax as fj  # noqa: E402
-from fdbp_jax import costs, models, partition, perf  # noqa: E402
+from fdbp_jax import costs, host_memory, models, partition, perf  # noqa: E402
 from fdbp_jax.engines import STASH_MODES  # noqa: E402
 from fdbp_jax.losses import cross_entropy  # noqa: E402
 
@@ -60,6 +63,18 @@ def model_blocks(name: str) -> list[nn.Module]:
 def timed_steps(trainer, x, y, steps: int) -> tuple[float, float, object]:
     """(compile seconds, median seconds per step, state)."""
     return perf.time_steps(trainer, trainer.init(jax.random.key(0), x), x, y, steps)
+
+
+def cpu_per_step(trainer, state, x, y, steps: int = 3) -> tuple[dict, object]:
+    """This process's CPU seconds (user, kernel) and minor page faults per step over `steps` more steps:
+    where the wall time goes on the shared cores. (Those per step, the state.)"""
+    before, faults = os.times(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(steps):
+        state, _ = trainer.step(state, x, y)
+        jax.block_until_ready(state)
+    after = os.times()
+    return {"user_s": (after.user - before.user) / steps, "system_s": (after.system - before.system) / steps,
+            "minor_faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps}, state
 
 
 def per_device_bytes(tree) -> int:
@@ -110,8 +125,13 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="mlp,resnet20")
     p.add_argument("--microbatches", default="4,8,16", help="GPipe / 1F1B micro-batches per global batch")
     p.add_argument("--engines", default="bp,fdbp,gpipe,1f1b", help="which engine families to time")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep glibc malloc's defaults (else the program restarts itself with transparent huge pages, "
+                        "fdbp_jax.host_memory, as fdbp-train does on a simulated mesh)")
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)
+    if argv is None and not args.system_malloc and host_memory.uses_huge_pages_by_default(8):
+        host_memory.restart_with_huge_pages()
     families = args.engines.split(",")
     if "bp" not in families or "fdbp" not in families:
         p.error("--engines must include bp and fdbp: the ratios and the speed model compare them")
@@ -140,14 +160,17 @@ def main(argv=None) -> int:
         }
         for label, trainer in runs.items():
             compile_s, step_s, state = timed_steps(trainer, x, y, args.steps)
+            cpu, state = cpu_per_step(trainer, state, x, y)
             row[label] = {"compile_s": compile_s, "step_s": step_s, "us_per_example": 1e6 * step_s / args.batch,
+                          "cpu_per_step": cpu,
                           "compiled_memory": compiled_memory(trainer, state, x, y),
                           "bubble": getattr(trainer.engine, "bubble_fraction", None)}
             if label.startswith("fdbp"):
                 row[label]["memory"] = engine_memory(trainer, state, row[label]["compiled_memory"])
             peak = row[label]["compiled_memory"]["peak"] / 2**20
             print(f"{name:9s} {label:22s} compile {compile_s:6.1f} s  {1e6 * step_s / args.batch:8.1f} us/example  "
-                  f"peak {peak:7.1f} MiB/device", flush=True)
+                  f"peak {peak:7.1f} MiB/device  CPU/step user {cpu['user_s'] * 1e3:5.0f} ms kernel "
+                  f"{cpu['system_s'] * 1e3:4.0f} ms, {cpu['minor_faults']:7.0f} faults", flush=True)
         best_bp = min(row["bp (8,1)"]["step_s"], row["bp (2,4)"]["step_s"])
         for mode in STASH_MODES:
             row[f"ratio {mode}"] = row[f"fdbp (2,4) {mode}"]["step_s"] / best_bp
@@ -191,7 +214,9 @@ def main(argv=None) -> int:
                   f"{measured * 1e3:.1f} ms ({100 * (predicted - measured) / measured:+.0f}%)", flush=True)
         results[name] = row
         ratio = row[f"ratio {row['fastest stash']}"] if name == "resnet20" else ratio
-    results["provenance"] = {**costs.provenance(), "steps": args.steps, "batch": args.batch}
+    results["provenance"] = {**costs.provenance(), "steps": args.steps, "batch": args.batch,
+                             "malloc": "transparent huge pages (host_memory.HUGE_PAGES_TUNABLE)"
+                             if host_memory.has_huge_pages() else "glibc defaults"}
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)
     for name, row in ((n, r) for n, r in results.items() if n != "provenance"):

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--show-split", action="store_true", help="print the stage split and exit")
     add("--system-malloc", action="store_true",
         help="keep glibc malloc's defaults (by default a process with one CPU device keeps the memory it frees, "
-             "which spares XLA:CPU a page fault per fresh page each step; host memory peaks a little higher)")
+             "which spares XLA:CPU a page fault per fresh page each step, host memory peaking a little higher; "
+             "one with several CPU devices restarts itself with transparent huge pages, a fault per 2 MiB)")
     add("--no-progress", action="store_true")
     add("--debug", action="store_true", help="show tracebacks")
     return p
@@ -129,8 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         processes = check_processes(args, config)
         devices_per_process = max(1, devices // processes)
         # as a program only (argv from the command line): a caller's process may have started JAX already
-        if argv is None and not args.system_malloc and host_memory.keeps_freed_memory_by_default(devices_per_process):
-            host_memory.keep_freed_memory()
+        if argv is None and not args.system_malloc:
+            if host_memory.keeps_freed_memory_by_default(devices_per_process):
+                host_memory.keep_freed_memory()
+            elif host_memory.uses_huge_pages_by_default(devices_per_process):
+                host_memory.restart_with_huge_pages()
         simulate_devices(devices_per_process)
         if args.coordinator_address or processes > 1:
             distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,

@@ -1,5 +1,6 @@
-"""`host_memory.keep_freed_memory`: with it a process serves each execution's buffers from pages it
-already holds, so repeated steps stop taking page faults (real processes: the setting must precede JAX)."""
+"""`host_memory`: with `keep_freed_memory` a process serves each execution's buffers from pages it
+already holds, and with transparent huge pages it faults once per 2 MiB, so repeated steps stop taking a
+page fault per 4 KiB (real processes: the settings must precede JAX, the huge pages the process)."""
 
 import os
 import subprocess
@@ -35,18 +36,36 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 5)
 
 
 def faults_per_execution(mode: str) -> int:
+    env = dict(os.environ, PYTHONPATH=ROOT)
     done = subprocess.run([sys.executable, "-c", PROGRAM, mode], capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+                          env=host_memory.huge_pages_environment(env) if mode == "huge" else env)
     if done.returncode == 5:
         pytest.skip("this C library has no glibc mallopt")
     assert done.returncode == 0, done.stderr[-2000:]
     return int(done.stdout.split()[-1])
 
 
-def test_kept_memory_spares_the_page_faults_of_each_execution():
+def test_kept_memory_and_huge_pages_spare_the_page_faults_of_each_execution():
     system, kept = faults_per_execution("system"), faults_per_execution("keep")
     assert system > 10_000  # ~24k faults a step with glibc's defaults (measured)
     assert kept < system / 10
+    if not host_memory.huge_pages_available():
+        pytest.skip("no transparent huge pages for malloc here (glibc < 2.35, or turned off)")
+    assert faults_per_execution("huge") < system / 10
+
+
+def test_a_program_restarts_itself_once_with_huge_pages_and_its_own_arguments():
+    if not host_memory.huge_pages_available():
+        pytest.skip("no transparent huge pages for malloc here (glibc < 2.35, or turned off)")
+    program = ("import os, sys; from fdbp_jax import host_memory; print('start', flush=True); "
+               "host_memory.restart_with_huge_pages(); print(os.environ['GLIBC_TUNABLES'], sys.argv[1:])")
+    env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
+    done = subprocess.run([sys.executable, "-c", program, "--flag", "a b"], capture_output=True, text=True,
+                          timeout=120, env=dict(env, PYTHONPATH=ROOT, GLIBC_TUNABLES="glibc.malloc.trim_threshold=1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines.count("start") == 2  # once as started, once restarted; no third time
+    assert lines[-1] == "glibc.malloc.trim_threshold=1:glibc.malloc.hugetlb=1 ['--flag', 'a b']"
 
 
 def test_only_a_process_with_one_cpu_device_keeps_freed_memory_by_default(monkeypatch):
