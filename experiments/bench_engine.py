@@ -25,7 +25,8 @@ import sys
 
 import jax
 
-jax.config.update("jax_num_cpu_devices", 8)
+DEVICES = 8  # the simulated mesh: (8, 1) and (2, 4)
+jax.config.update("jax_num_cpu_devices", DEVICES)
 
 import flax.linen as nn  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
                         "fdbp_jax.host_memory, as fdbp-train does on a simulated mesh)")
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)
-    if argv is None and not args.system_malloc and host_memory.uses_huge_pages_by_default(8):
+    if argv is None and not args.system_malloc and host_memory.uses_huge_pages_by_default(DEVICES):
         host_memory.restart_with_huge_pages()
     families = args.engines.split(",")
     if "bp" not in families or "fdbp" not in families:

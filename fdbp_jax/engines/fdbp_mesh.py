@@ -100,6 +100,25 @@ def read_row(ring: jax.Array, slot: jax.Array) -> jax.Array:
     return row.reshape(ring.shape[:lead] + ring.shape[-1:])
 
 
+def forward_with_pullback(stage: Stage, stash: str, params, model_state, x, key: jax.Array, input_grad: bool):
+    """A stage's training forward and its pullback (w.r.t. params, and the input if `input_grad`):
+    (output, pullback, model state). With the "selective" stash the forward runs under `jax.checkpoint`
+    (SELECTIVE_POLICY), so the pullback's residuals are what that policy saves."""
+    if stash == "selective":  # the key travels as its raw bits: a re-run forward needs it, and
+        # residuals are packed into arrays of plain dtypes
+        rerun = jax.checkpoint(
+            lambda p, h, bits: stage.apply(p, model_state, h, train=True, key=jax.random.wrap_key_data(bits)),
+            policy=SELECTIVE_POLICY,
+        )
+        key_bits = jax.random.key_data(key)
+        run = lambda p, h: rerun(p, h, key_bits)
+    else:
+        run = lambda p, h: stage.apply(p, model_state, h, train=True, key=key)
+    if not input_grad:
+        return jax.vjp(lambda p: run(p, x), params, has_aux=True)
+    return jax.vjp(run, params, x, has_aux=True)
+
+
 class Inbox(NamedTuple):
     """The messages arriving at a stage device this tick: (b, A) rows per link phase, and the labels."""
 
@@ -218,24 +237,7 @@ class MeshEngine(StagedMeshEngine):
         if stash == "recompute":
             return [x]
         key = self.stages[k].forward_key(0, 0)
-        return jax.tree.leaves(self._forward_with_pullback(stash, k, params, model_state, x, key)[1])
-
-    def _forward_with_pullback(self, stash, k, params, model_state, x, key):
-        """Stage k's training forward and its pullback (w.r.t. params, and the input unless k = 0)."""
-        stage = self.stages[k]
-        if stash == "selective":  # the key travels as its raw bits: a re-run forward needs it, and
-            # residuals are packed into arrays of plain dtypes
-            rerun = jax.checkpoint(
-                lambda p, h, bits: stage.apply(p, model_state, h, train=True, key=jax.random.wrap_key_data(bits)),
-                policy=SELECTIVE_POLICY,
-            )
-            key_bits = jax.random.key_data(key)
-            run = lambda p, h: rerun(p, h, key_bits)
-        else:
-            run = lambda p, h: stage.apply(p, model_state, h, train=True, key=key)
-        if k == 0:
-            return jax.vjp(lambda p: run(p, x), params, has_aux=True)
-        return jax.vjp(run, params, x, has_aux=True)
+        return jax.tree.leaves(forward_with_pullback(self.stages[k], stash, params, model_state, x, key, k > 0)[1])
 
     def state_specs(self, state: EngineState) -> EngineState:
         """PartitionSpecs of every state leaf: per-stage arrays on "stage", per-replica ones also on "data"."""
@@ -339,8 +341,8 @@ class MeshEngine(StagedMeshEngine):
                 params = work.forward_params(params, packed.opt_layouts[k].unpack(weights.opt_state))
                 forward_params = packed.pack_params(k, params)
             if self.stash != "recompute":  # the stashed forward's own pullback, from its residuals
-                outputs, pullback, fwd_state = self._forward_with_pullback(
-                    self.stash, k, params, model_state, x_in, work.forward_key(t, replica))
+                outputs, pullback, fwd_state = forward_with_pullback(
+                    self.stages[k], self.stash, params, model_state, x_in, work.forward_key(t, replica), k > 0)
                 leaves, treedef = jax.tree.flatten(pullback)
                 if [(leaf.shape, leaf.dtype) for leaf in leaves] != self.stash_slots.shapes(k):
                     raise RuntimeError(f"stage {k}: VJP residuals differ between init and tick tracing")
