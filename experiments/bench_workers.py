@@ -186,7 +186,8 @@ def measure_links(trainer, microbatches: int) -> dict:
 def run_cost_worker(settings: dict) -> int:
     """One worker of the speed model's check: the curves `fdbp_jax.perf` predicts from, measured on this
     one device: the BP step at the global and the per-worker batch, and every stage's tick work (with the
-    recompute stash: forward, re-run forward and backward, update; and with the selective one) of each split at the batches its engines run. Prints JSON."""
+    recompute stash: forward, re-run forward and backward, update; and with each stash that keeps
+    residuals) of each split at the batches its engines run. Prints JSON."""
     keep_memory(settings)
     import jax
 
@@ -218,7 +219,7 @@ def fitted_link(links: dict):
 
 def predicted_seconds(row: dict, measured: dict, link, processes: int, batch: int) -> float | None:
     """What `fdbp_jax.perf` predicts for one benchmark row from one worker's curves and the fitted link;
-    None where it has no model (the residual stash: `costs` measures no tick curve for it)."""
+    None where it has no model (a stash `perf.TICK_CURVES` does not name)."""
     from fdbp_jax import perf
     from fdbp_jax.engines import pipeline_timetable
 

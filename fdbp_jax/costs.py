@@ -1,8 +1,8 @@
 """Measured costs of a model's work on the current device, at several per-device batches: each
 stage's forward and its whole tick (forward of the new batch + delayed backward with its recomputed
-forward + optax update, as one jitted call, as the FDBP tick runs it; and the same with the "selective"
-stash: the forward saves its conv and matmul outputs, the backward re-runs the rest from a stashed
-forward's), and the whole model's BP step.
+forward + optax update, as one jitted call, as the FDBP tick runs it; and the same with each stash that
+keeps residuals: "selective", whose forward saves its conv and matmul outputs and whose backward re-runs
+the rest, and "residuals", which keeps all of the forward's VJP residuals), and the whole model's BP step.
 The speed model (`fdbp_jax.perf`) reads these curves instead of assuming compute linear in the batch.
 
 The result is plain JSON (`measure_model` returns it, `experiments/measure_costs.py` writes it):
@@ -13,6 +13,7 @@ The result is plain JSON (`measure_model` returns it, `experiments/measure_costs
          {"forward": [[batch, seconds], ...],                # training forward alone
           "tick": [[batch, seconds], ...],                   # the stage's whole tick work
           "tick_selective": [[batch, seconds], ...],         # the same with the "selective" stash
+          "tick_residuals": [[batch, seconds], ...],         # and with the "residuals" stash
           "update_s": seconds,                               # the optax update alone
           "activation_elements": n,                          # per example, of the stage's output
           "param_count": n}, ...]}}}
@@ -35,12 +36,13 @@ import optax
 
 from fdbp_jax import models, partition
 from fdbp_jax.engines._cpu_convolutions import fast_convolutions
-from fdbp_jax.engines.fdbp_mesh import SELECTIVE_POLICY
-from fdbp_jax.perf import median_seconds, random_inputs
+from fdbp_jax.engines.fdbp_mesh import forward_with_pullback
+from fdbp_jax.perf import TICK_CURVES, median_seconds, random_inputs
 from fdbp_jax.stages import Stage, apply_update, backprop_grads, delayed_grads, last_stage_grads, split_variables
 from fdbp_jax.losses import cross_entropy
 
 BATCHES = (8, 16, 32, 64, 128, 256)
+RESIDUAL_STASHES = tuple(s for s in TICK_CURVES if s != "recompute")  # ticks that pull back stashed residuals
 
 
 def source_commit() -> str | None:
@@ -91,8 +93,8 @@ def measure_stage(
     repeats: int, classes: int = 10,
 ) -> dict:
     """Seconds of stage k's training forward and of its whole tick work on `batch` examples, with the
-    recompute stash ("tick") and the selective one ("tick_selective"; the last stage stashes nothing,
-    so its two are one measurement)."""
+    recompute stash ("tick") and each of RESIDUAL_STASHES ("tick_selective", "tick_residuals"; the last
+    stage stashes nothing, so its ticks are one measurement)."""
     x = _random_batch(input_shape, batch)
     params, model_state = split_variables(stage.init(jax.random.key(0), x))
     opt_state = optimizer.init(params)
@@ -106,7 +108,6 @@ def measure_stage(
             return d_input, *apply_update(optimizer, p, o, d_params)
 
         tick_args = (params, opt_state, x)
-        selective = None
     else:
         output_grad = random_inputs(out, seed=1)
 
@@ -116,11 +117,12 @@ def measure_stage(
             return y, d_input, *apply_update(optimizer, p, o, d_params)
 
         tick_args = (params, opt_state, x, _random_batch(input_shape, batch, seed=2), output_grad)
-        selective = _selective_tick(stage, k, model_state, optimizer, tick_args)
     timed = lambda fn, args: median_seconds(jax.jit(fast_convolutions(fn, jax.default_backend())), *args,
                                             repeats=repeats)
     ticks = {"tick": timed(tick, tick_args)}
-    ticks["tick_selective"] = ticks["tick"] if selective is None else timed(*selective)
+    for stash in RESIDUAL_STASHES:
+        ticks[TICK_CURVES[stash]] = ticks["tick"] if k == num_stages - 1 else timed(
+            *stashing_tick(stage, k, stash, model_state, optimizer, tick_args))
     return {
         "forward": median_seconds(forward, params, x, repeats=repeats),
         **ticks,
@@ -130,17 +132,18 @@ def measure_stage(
     }
 
 
-def _selective_tick(stage: Stage, k: int, model_state, optimizer, tick_args) -> tuple[Callable, tuple]:
-    """The tick of stage k < K-1 with the selective stash, as the mesh engine runs it, and its arguments:
-    the new batch's forward under `jax.checkpoint` (SELECTIVE_POLICY) keeping its residuals, and the
-    pullback of the residuals a forward of the old batch stashed."""
+def stashing_tick(stage: Stage, k: int, stash: str, model_state, optimizer: optax.GradientTransformation,
+                  tick_args: tuple) -> tuple[Callable, tuple]:
+    """The tick of stage k < K-1 with a stash of RESIDUAL_STASHES, as the mesh engine runs it
+    (`fdbp_mesh.forward_with_pullback`), and its arguments: the new batch's forward keeping its
+    residuals, and the pullback of the residuals a forward of the old batch stashed."""
     params, opt_state, h_new, h_old, output_grad = tick_args
-    rerun = jax.checkpoint(lambda p, h: stage.apply(p, model_state, h, train=True)[0], policy=SELECTIVE_POLICY)
-    forward_with_pullback = (lambda p, h: jax.vjp(rerun, p, h)) if k > 0 else (lambda p, h: jax.vjp(lambda q: rerun(q, h), p))
-    stashed, treedef = jax.tree.flatten(forward_with_pullback(params, h_old)[1])
+    key = stage.forward_key(0, 0)
+    run = lambda p, h: forward_with_pullback(stage, stash, p, model_state, h, key, input_grad=k > 0)
+    stashed, treedef = jax.tree.flatten(run(params, h_old)[1])
 
     def tick(p, o, h, residuals, g):
-        y, pullback = forward_with_pullback(p, h)
+        y, pullback, _ = run(p, h)
         cotangents = jax.tree.unflatten(treedef, residuals)(g)
         return y, jax.tree.leaves(pullback), cotangents[1:], *apply_update(optimizer, p, o, cotangents[0])
 
@@ -175,7 +178,8 @@ def measure_bp_step(
 def new_split(boundaries: Sequence[int]) -> dict:
     """An empty entry of "splits" for the stages that start at `boundaries`."""
     return {"boundaries": list(boundaries), "stages": [
-        {"forward": [], "tick": [], "tick_selective": [], "update_s": None, "activation_elements": None, "param_count": None}
+        {"forward": [], **{curve: [] for curve in TICK_CURVES.values()}, "update_s": None,
+         "activation_elements": None, "param_count": None}
         for _ in range(len(boundaries) + 1)]}
 
 
@@ -189,8 +193,8 @@ def measure_split(
         measured = measure_stage(Stage(module), k, num_stages, shape, batch, optimizer, repeats)
         entry = split["stages"][k]
         entry["forward"].append([batch, measured["forward"]])
-        entry["tick"].append([batch, measured["tick"]])
-        entry["tick_selective"].append([batch, measured["tick_selective"]])
+        for curve in TICK_CURVES.values():
+            entry[curve].append([batch, measured[curve]])
         if entry["update_s"] is None:
             entry["update_s"] = measure_update(measured["params"], measured["opt_state"], optimizer, repeats)
             entry["activation_elements"] = sum(int(np.prod(shape)) for shape in

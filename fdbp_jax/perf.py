@@ -143,7 +143,8 @@ def shared_cores_tick_time(stages: Sequence[StageCost], batch: float, replicas: 
     return max(max(per_stage), replicas * sum(per_stage) / cores)
 
 
-TICK_CURVES = {"recompute": "tick", "selective": "tick_selective"}  # FDBP stash -> its stage tick curve in `costs`
+TICK_CURVES = {  # FDBP stash -> its stage tick curve in `costs`
+    "recompute": "tick", "selective": "tick_selective", "residuals": "tick_residuals"}
 
 
 def stage_costs(measured: dict, num_stages: int, bytes_per_element: int = 4,

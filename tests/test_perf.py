@@ -90,9 +90,9 @@ MEASURED = {
     "bp_step": [[8, 0.5], [16, 0.75]],
     "splits": {"2": {"boundaries": [1], "stages": [
         {"forward": [[8, 0.1]], "tick": [[8, 0.25], [16, 0.5]], "tick_selective": [[8, 0.2], [16, 0.4]],
-         "update_s": 0.01, "activation_elements": 6, "param_count": 10},
+         "tick_residuals": [[8, 0.3], [16, 0.6]], "update_s": 0.01, "activation_elements": 6, "param_count": 10},
         {"forward": [[8, 0.1]], "tick": [[8, 0.125], [16, 0.25]], "tick_selective": [[8, 0.125], [16, 0.25]],
-         "update_s": 0.01, "activation_elements": 2, "param_count": 30},
+         "tick_residuals": [[8, 0.125], [16, 0.25]], "update_s": 0.01, "activation_elements": 2, "param_count": 30},
     ]}},
 }
 
@@ -109,13 +109,15 @@ def test_reading_a_measurement(tmp_path):
     with pytest.raises(ValueError, match="K=4"):
         perf.stage_costs(measured, 4)
     assert [s.work(12) for s in perf.stage_costs(measured, 2, stash="selective")] == pytest.approx([0.3, 0.1875])
-    with pytest.raises(ValueError, match="residuals"):
-        perf.stage_costs(measured, 2, stash="residuals")
+    assert [s.work(12) for s in perf.stage_costs(measured, 2, stash="residuals")] == pytest.approx([0.45, 0.1875])
+    with pytest.raises(ValueError, match="stash='auto' has no measured tick curve"):
+        perf.stage_costs(measured, 2, stash="auto")
     older = json.loads(json.dumps(MEASURED))
     for stage in older["splits"]["2"]["stages"]:
-        del stage["tick_selective"]
-    with pytest.raises(ValueError, match="tick_selective.*measure it again"):
-        perf.stage_costs(older, 2, stash="selective")
+        del stage["tick_residuals"]
+    assert [s.work(12) for s in perf.stage_costs(older, 2, stash="selective")] == pytest.approx([0.3, 0.1875])
+    with pytest.raises(ValueError, match="tick_residuals.*measure it again"):
+        perf.stage_costs(older, 2, stash="residuals")
 
 
 def test_ticks_to_accuracy():
@@ -153,9 +155,10 @@ def test_provenance_names_the_commit_measured():
     assert costs.provenance()["commit"] == head + ("+changes" if changed else "")
 
 
-def test_the_selective_tick_that_costs_times_computes_the_exact_delayed_gradient():
-    """`costs` times the selective stash's tick as the mesh runs it: a new forward, and the pullback of
-    the residuals an old batch's forward kept, which are that forward's exact gradients."""
+@pytest.mark.parametrize("stash", ["selective", "residuals"])
+def test_the_stashing_tick_that_costs_times_computes_the_exact_delayed_gradient(stash):
+    """`costs` times the tick of each stash that keeps residuals as the mesh runs it: a new forward, and
+    the pullback of the residuals an old batch's forward kept, which are that forward's exact gradients."""
     import flax.linen as nn
     import jax
     import optax
@@ -173,7 +176,9 @@ def test_the_selective_tick_that_costs_times_computes_the_exact_delayed_gradient
     h_new, h_old, g = (rng.normal(size=(2, 6, 6, c)).astype(np.float32) for c in (3, 3, 4))
     params, model_state = split_variables(stage.init(jax.random.key(0), h_new))
     optimizer = optax.sgd(0.1)
-    tick, args = costs._selective_tick(stage, 1, model_state, optimizer, (params, optimizer.init(params), h_new, h_old, g))
+    assert stash in costs.RESIDUAL_STASHES
+    tick, args = costs.stashing_tick(stage, 1, stash, model_state, optimizer,
+                                     (params, optimizer.init(params), h_new, h_old, g))
     y, residuals, (d_input,), new_params, _ = jax.jit(tick)(*args)
     d_params, expected_input, _ = delayed_grads(stage, params, model_state, h_old, g, input_grad=True)
     np.testing.assert_allclose(y, stage.apply(params, model_state, h_new, train=True)[0], rtol=1e-5, atol=1e-6)
