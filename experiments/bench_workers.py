@@ -105,6 +105,7 @@ def run_worker(settings: dict) -> int:
 
     import fdbp_jax as fj
     from fdbp_jax import costs, models
+    from fdbp_jax.engines import reruns_forward
     from fdbp_jax.losses import cross_entropy
 
     P, B = jax.device_count(), settings["batch"]
@@ -114,7 +115,8 @@ def run_worker(settings: dict) -> int:
     local = B // (P if algorithm == "bp" else 1)
     blocks = models.model_blocks(settings["model"], split_unit=settings["split_unit"])
     split = fj.split_blocks(blocks, K, np.zeros((local, 32, 32, 3), np.float32),
-                            settings["boundaries"] if K > 1 else None, measure=settings["measure"])
+                            settings["boundaries"] if K > 1 else None, measure=settings["measure"],
+                            rerun_forward=reruns_forward(algorithm, stash))
     trainer = fj.Trainer(split.stages, cross_entropy, optax.sgd(0.05, momentum=0.9), mesh=mesh,
                          algorithm=algorithm, stash=stash, microbatches=M)
     rng = np.random.default_rng(0)

@@ -4,6 +4,8 @@ state, and the in-flight pipeline: stashes and messages) plus JSON metadata (pos
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import shutil
 import sys
@@ -65,18 +67,22 @@ class Checkpoints:
         """The JSON metadata of checkpoint `step` alone (position, settings), without its arrays."""
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def stash_to_resume(self, config: Config) -> str:
-        """The stash mode a resumed run builds its engine with: --stash, or with --stash auto the mode the
-        newest readable checkpoint ran (its state holds that mode's rings, whatever auto would pick here)."""
-        if config.stash != AUTO_STASH:
-            return config.stash
+    def config_to_resume(self, config: Config) -> Config:
+        """The settings a resumed run builds its engine with, from the newest readable checkpoint where
+        `config` leaves them open: with --stash auto the mode it ran (its state holds that mode's rings,
+        whatever auto would pick here), and without --boundaries the cut it ran (a cut by --split-by time
+        is measured anew each run, and may fall elsewhere)."""
         for step in reversed(self.all_steps()):
             try:
                 meta = self.read_meta(step)
             except Exception:  # unreadable: restore_latest reports it and moves it aside
                 continue
-            return meta.get("stash") or meta["config"].get("stash", AUTO_STASH)
-        return config.stash
+            stash = meta.get("stash") or meta["config"].get("stash", AUTO_STASH)
+            boundaries = meta.get("boundaries")
+            return dataclasses.replace(
+                config, stash=stash if config.stash == AUTO_STASH else config.stash,
+                boundaries=tuple(boundaries) if config.boundaries is None and boundaries is not None else config.boundaries)
+        return config
 
     def restore_latest(self, like: Any, config: Config, ticks_per_epoch: int) -> tuple[Any, dict, int]:
         """Restore the newest checkpoint that reads back whole, after checking that it was made with the

@@ -58,15 +58,30 @@ def source_commit() -> str | None:
     return commit + ("+changes" if changes else "")
 
 
+def cpu_model() -> str:
+    """The host CPU's model name (Linux /proc/cpuinfo; else what `platform` knows): machines of one name
+    can differ in their CPUs, and CPU timings are only comparable on the same one."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            first = f.read().split("\n\n", 1)[0]  # the first processor's fields
+    except OSError:
+        first = ""
+    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+
+
 def provenance() -> dict:
-    """Where a measurement ran: device, software versions, host, date and the code's commit."""
+    """Where a measurement ran: device, software versions, host and its CPU, date and the code's commit."""
     import flax
 
     device = jax.devices()[0]
     return {
         "platform": jax.default_backend(), "device_kind": device.device_kind, "device_count": jax.device_count(),
         "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-        "python": platform.python_version(), "host": platform.node(), "cpu_count": os.cpu_count(),
+        "python": platform.python_version(), "host": platform.node(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": source_commit(),
     }

@@ -1,6 +1,8 @@
 """Cut a block sequence (flax.linen or flax.nnx modules, each taking the previous one's output) into K
 contiguous stages that minimise the largest stage cost (exact dynamic programme), with block costs
-from XLA's cost analysis of forward + backward: `split_blocks`, the public entry, and its pieces."""
+from XLA's cost analysis of forward + backward (or seconds measured), plus each block's forward again in
+the stages before the last where those re-run their forwards: `split_blocks`, the public entry, and its
+pieces."""
 
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class Split:
     blocks: tuple
     example: jax.ShapeDtypeStruct  # one replica's batch, the costs are counted on
     measure: str = "flops"  # what a block's cost is (`MEASURES`)
+    rerun_forward: bool = False  # stages before the last also pay each block's forward again
 
     @functools.cached_property
     def _costs(self) -> tuple[list[float], list[int]]:
@@ -41,8 +44,13 @@ class Split:
 
     @property
     def costs(self) -> list[float]:
-        """Each block's cost on the example batch (`measure`; counted when first asked for)."""
+        """Each block's forward + backward cost on the example batch (`measure`; counted when first asked for)."""
         return self._costs[0]
+
+    @functools.cached_property
+    def rerun_costs(self) -> list[float] | None:
+        """Each block's forward cost, paid again by the stages before the last (None unless `rerun_forward`)."""
+        return block_costs(self.blocks, self.example, self.measure, forward_only=True)[0] if self.rerun_forward else None
 
     @property
     def params(self) -> list[int]:
@@ -51,19 +59,22 @@ class Split:
 
     @property
     def balance(self) -> float:
-        return balance(self.costs, self.boundaries)
+        return balance(self.costs, self.boundaries, self.rerun_costs)
 
     def __str__(self) -> str:
         return describe_split(self.blocks, self.boundaries, self.costs, self.params,
-                              "FLOPs" if self.measure == "flops" else "time")
+                              "FLOPs" if self.measure == "flops" else "time", self.rerun_costs)
 
 
 def split_blocks(blocks: Sequence[Any], num_stages: int, example_x: Any,
-                 boundaries: Sequence[int] | None = None, measure: str = "flops") -> Split:
+                 boundaries: Sequence[int] | None = None, measure: str = "flops", rerun_forward: bool = False) -> Split:
     """Cut `blocks` into `num_stages` stages: at `boundaries` if given (then no cost is counted until
     the table is asked for), else where the largest stage's cost on `example_x` (one replica's batch:
     an array or ShapeDtypeStruct) is smallest: its FLOPs, or with ``measure="time"`` its seconds
-    measured on this device (`block_costs`: what balances real workers). Linen blocks become one linen stage
+    measured on this device (`block_costs`: what balances real workers). A stage's cost is its blocks'
+    forward + backward, and with `rerun_forward` (stages that run each forward again before its backward:
+    FDBP's recompute stash, GPipe, 1F1B; `fdbp_jax.engines.reruns_forward`) their forward once more in
+    every stage but the last, which runs its forward and backward at once. Linen blocks become one linen stage
     per run of blocks; NNX blocks an `nnx.Sequential` (sharing the blocks' variables, so the stage starts
     from the weights the blocks hold). Blocks that do not chain are a ValueError naming the block."""
     blocks = tuple(blocks)
@@ -77,9 +88,9 @@ def split_blocks(blocks: Sequence[Any], num_stages: int, example_x: Any,
             f"like block 0: a split takes blocks of one kind (all linen or all nnx)"
         )
     example = jax.ShapeDtypeStruct(np.shape(example_x), getattr(example_x, "dtype", np.float32))
-    split = Split([], [], blocks, example, measure)
-    if boundaries is None:
-        boundaries = linear_partition(split.costs, num_stages)  # counting the FLOPs checks the chain too
+    split = Split([], [], blocks, example, measure, rerun_forward)
+    if boundaries is None:  # counting the costs checks the chain too
+        boundaries = linear_partition(split.costs, num_stages, split.rerun_costs)
     else:
         check_chain(blocks, example)
     check_boundaries(boundaries, len(blocks), num_stages)
@@ -103,13 +114,13 @@ def join_blocks(blocks: Sequence[Any], boundaries: Sequence[int]) -> list:
     return [Blocks(run) if isinstance(run[0], nn.Module) else nnx.Sequential(*run) for run in runs]
 
 
-def block_costs(blocks: Sequence[Any], example: jax.ShapeDtypeStruct,
-                measure: str = "flops") -> tuple[list[float], list[int]]:
+def block_costs(blocks: Sequence[Any], example: jax.ShapeDtypeStruct, measure: str = "flops",
+                forward_only: bool = False) -> tuple[list[float], list[int]]:
     """Each block's cost on `example`'s batch and its parameter count; a ValueError naming the block and
     the shapes where a block cannot take the previous one's output. The cost (`measure`) is "flops" of
     forward + backward (counted, the same on every machine), or "time": seconds of forward + backward
-    + forward again (FDBP's recomputing stage) measured on the default device; FLOPs cost unevenly on
-    a CPU (ResNet-20's 16-channel 32x32 convolutions take ~2x the time per FLOP of its 64-channel ones)."""
+    measured on the default device; FLOPs cost unevenly on a CPU (ResNet-20's 16-channel 32x32
+    convolutions take ~2x the time per FLOP of its 64-channel ones). With `forward_only`, the forward's."""
     if measure not in MEASURES:
         raise ValueError(f"measure={measure!r} is not known: use one of {MEASURES}")
     costs, params, h = [], [], example
@@ -124,20 +135,20 @@ def block_costs(blocks: Sequence[Any], example: jax.ShapeDtypeStruct,
             out, vjp = jax.vjp(lambda p_, x_: stage.apply(p_, s, x_, train=True, key=key)[0], p, x)
             return vjp(jax.tree.map(jnp.ones_like, out))
 
+        forward = lambda p, s, x: stage.apply(p, s, x, train=True, key=key)[0]
+        work = forward if forward_only else forward_backward
         if measure == "time":
             concrete = stage.init(jax.random.key(0), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), h))
             inputs = random_inputs(h, seed=i)
             concrete_state = {name: value for name, value in concrete.items() if name != "params"}
-            run = jax.jit(fast_convolutions(lambda p, s, x: (forward_backward(p, s, x),
-                                                             stage.apply(p, s, x, train=True, key=key)[0]),
-                                            jax.default_backend()))
+            run = jax.jit(fast_convolutions(work, jax.default_backend()))
             costs.append(median_seconds(run, concrete["params"], concrete_state, inputs, repeats=5))
         else:
             # counted by XLA:CPU on the lowered HLO, whatever the default backend: compiled GPU code hides
             # convolutions in library calls that report no FLOPs (an H100 cut ResNet-20 into [2, 3, 5]),
             # and the GPU client gives no analysis of lowered HLO
             with jax.default_device(jax.devices("cpu")[0]):
-                analysis = jax.jit(forward_backward).lower(variables["params"], state, h).cost_analysis()
+                analysis = jax.jit(work).lower(variables["params"], state, h).cost_analysis()
             analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
             costs.append(float(analysis.get("flops", 0.0)))
         params.append(sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(variables["params"])))
@@ -147,13 +158,16 @@ def block_costs(blocks: Sequence[Any], example: jax.ShapeDtypeStruct,
     return costs, params
 
 
-def linear_partition(costs: Sequence[float], num_stages: int) -> list[int]:
-    """Boundaries (start index of stages 1..K-1) minimising the maximum stage sum; exact, O(K n^2)."""
+def linear_partition(costs: Sequence[float], num_stages: int, rerun: Sequence[float] | None = None) -> list[int]:
+    """Boundaries (start index of stages 1..K-1) minimising the maximum stage cost, `stage_costs`; exact,
+    O(K n^2). `rerun`: each block's extra cost in the stages before the last (its forward run again)."""
     n = len(costs)
     if not 1 <= num_stages <= n:
         raise ValueError(f"cannot cut {n} blocks into {num_stages} non-empty stages: use 1 <= K <= {n}")
     prefix = np.concatenate([[0.0], np.cumsum(costs)])
-    span = lambda a, b: prefix[b] - prefix[a]  # cost of blocks a..b-1
+    rerun_prefix = np.concatenate([[0.0], np.cumsum(rerun if rerun is not None else np.zeros(n))])
+    # cost of blocks a..b-1 as stage j of K (1-based): the last stage pays no rerun
+    span = lambda a, b, j: prefix[b] - prefix[a] + (rerun_prefix[b] - rerun_prefix[a]) * (j < num_stages)
     # best[j][i]: smallest max-stage cost of the first i blocks in j stages; cut[j][i]: where the last starts
     best = np.full((num_stages + 1, n + 1), np.inf)
     cut = np.zeros((num_stages + 1, n + 1), dtype=int)
@@ -161,7 +175,7 @@ def linear_partition(costs: Sequence[float], num_stages: int) -> list[int]:
     for j in range(1, num_stages + 1):
         for i in range(j, n + 1):
             for start in range(j - 1, i):
-                candidate = max(best[j - 1][start], span(start, i))
+                candidate = max(best[j - 1][start], span(start, i, j))
                 if candidate < best[j][i]:
                     best[j][i], cut[j][i] = candidate, start
     boundaries, i = [], n
@@ -171,14 +185,17 @@ def linear_partition(costs: Sequence[float], num_stages: int) -> list[int]:
     return sorted(int(b) for b in boundaries)[1:]
 
 
-def stage_costs(costs: Sequence[float], boundaries: Sequence[int]) -> list[float]:
+def stage_costs(costs: Sequence[float], boundaries: Sequence[int], rerun: Sequence[float] | None = None) -> list[float]:
+    """Each stage's cost: its blocks' `costs`, and in every stage but the last their `rerun` too."""
     edges = [0, *boundaries, len(costs)]
-    return [float(sum(costs[a:b])) for a, b in zip(edges[:-1], edges[1:])]
+    last = len(edges) - 2
+    return [float(sum(costs[a:b]) + (sum(rerun[a:b]) if rerun is not None and k < last else 0.0))
+            for k, (a, b) in enumerate(zip(edges[:-1], edges[1:]))]
 
 
-def balance(costs: Sequence[float], boundaries: Sequence[int]) -> float:
-    """Mean stage cost / max stage cost: 1.0 is a perfect split."""
-    per_stage = stage_costs(costs, boundaries)
+def balance(costs: Sequence[float], boundaries: Sequence[int], rerun: Sequence[float] | None = None) -> float:
+    """Mean stage cost / max stage cost (`stage_costs`): 1.0 is a perfect split."""
+    per_stage = stage_costs(costs, boundaries, rerun)
     return float(np.mean(per_stage) / max(per_stage))
 
 
@@ -196,16 +213,19 @@ def check_boundaries(boundaries: Sequence[int], num_blocks: int, num_stages: int
 
 def describe_split(
     blocks: Sequence[Any], boundaries: Sequence[int], costs: Sequence[float], params: Sequence[int],
-    unit: str = "FLOPs",
+    unit: str = "FLOPs", rerun: Sequence[float] | None = None,
 ) -> str:
-    """A table: each stage's blocks, parameter count and share of the cost (`unit`), and the balance."""
+    """A table: each stage's blocks, parameter count and share of the cost (`unit`; `stage_costs`, with
+    the `rerun` forwards), and the balance."""
     edges = [0, *boundaries, len(blocks)]
-    total = sum(costs)
+    per_stage = stage_costs(costs, boundaries, rerun)
+    total = sum(per_stage)
     lines = [f"{'stage':>5}  {'blocks':<10} {'params':>10} {unit + ' %':>8}  first .. last block"]
     for k, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
         names = f"{type(blocks[a]).__name__} .. {type(blocks[b - 1]).__name__}"
         lines.append(
-            f"{k:>5}  {f'{a}-{b - 1}':<10} {sum(params[a:b]):>10,} {100 * sum(costs[a:b]) / total:>7.1f}%  {names}"
+            f"{k:>5}  {f'{a}-{b - 1}':<10} {sum(params[a:b]):>10,} {100 * per_stage[k] / total:>7.1f}%  {names}"
         )
-    lines.append(f"balance (mean/max stage {unit}): {balance(costs, boundaries):.3f}")
+    lines.append(f"balance (mean/max stage {unit}{', forwards re-run' if rerun is not None else ''}): "
+                 f"{balance(costs, boundaries, rerun):.3f}")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from fdbp_jax import distributed
 from fdbp_jax import input_pipeline as pipeline
 from fdbp_jax.checkpoint import Checkpoints, prepare_workdir
 from fdbp_jax.config import Config, validate
+from fdbp_jax.engines import reruns_forward
 from fdbp_jax.losses import cross_entropy
 from fdbp_jax.mesh import make_mesh
 from fdbp_jax.models import model_blocks
@@ -61,11 +62,13 @@ class Diverged(RuntimeError):
 
 def model_split(config: Config) -> Split:
     """The configured model (in --split-unit blocks) cut into --stages stages: at --boundaries, or
-    cost-balanced by --split-by (`split_blocks`; "time" measures every block on this device, once per run)."""
+    cost-balanced by --split-by (`split_blocks`; "time" measures every block on this device, once per run),
+    counting the forwards that the algorithm and stash re-run (`engines.reruns_forward`)."""
     spec = data_lib.DATASETS[config.dataset]
     example = jax.ShapeDtypeStruct((config.batch_size // config.replicas, *spec.image_shape), np.float32)
     return split_blocks(model_blocks(config.model, spec.classes, config.split_unit), config.stages, example,
-                        config.boundaries, measure=config.split_by)
+                        config.boundaries, measure=config.split_by,
+                        rerun_forward=reruns_forward(config.algorithm, config.stash))
 
 
 def load_datasets(config: Config) -> tuple[data_lib.ArrayDataset, data_lib.ArrayDataset]:
@@ -249,8 +252,7 @@ def _train_and_evaluate(config: Config, workdir: str, resume: bool, overwrite: b
     if len(train_data) < config.batch_size:
         raise ValueError(f"--batch-size {config.batch_size}: larger than the {len(train_data)} training examples")
     ticks = pipeline.ticks_per_epoch(len(train_data), config.batch_size)
-    stash = checkpoints.stash_to_resume(config) if resume else config.stash
-    trainer, boundaries = build_trainer(dataclasses.replace(config, stash=stash), ticks, mesh)
+    trainer, boundaries = build_trainer(checkpoints.config_to_resume(config) if resume else config, ticks, mesh)
     state = trainer.init(jax.random.key(config.seed), np.zeros((config.batch_size, *spec.image_shape), np.float32))
     position = Position()
     if resume:  # the settings are checked on the checkpoint to restore, before its arrays are read
@@ -264,6 +266,7 @@ def _train_and_evaluate(config: Config, workdir: str, resume: bool, overwrite: b
         checkpoints.save(position.epoch * ticks + position.index, state, {
             **dataclasses.asdict(position), "tick": position.epoch * ticks + position.index, "config": config.to_json(),
             "stash": trainer.stash,  # the mode --stash auto chose: a resumed run needs its rings
+            "boundaries": boundaries,  # and the cut it ran
         })
 
     main_process = jax.process_index() == 0  # writes metrics and summary; every process checkpoints

@@ -15,23 +15,25 @@ import fdbp_jax as fj
 from fdbp_jax import models, partition
 
 
-def brute_force(costs, k):
+def brute_force(costs, k, rerun=None):
     best = None
     for cut in itertools.combinations(range(1, len(costs)), k - 1):
-        worst = max(partition.stage_costs(costs, cut))
+        worst = max(partition.stage_costs(costs, cut, rerun))
         best = worst if best is None else min(best, worst)
     return best
 
 
 @pytest.mark.parametrize("seed", range(30))
 def test_linear_partition_is_optimal(seed):
+    """Against every cut, with and (odd seeds) without forwards re-run in the stages before the last."""
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 10))
     k = int(rng.integers(1, n + 1))
     costs = list(rng.exponential(size=n))
-    cut = partition.linear_partition(costs, k)
+    rerun = list(rng.uniform(0.2, 0.5) * np.asarray(costs)) if seed % 2 == 0 else None
+    cut = partition.linear_partition(costs, k, rerun)
     assert len(cut) == k - 1 and cut == sorted(cut) and all(0 < c < n for c in cut)
-    assert max(partition.stage_costs(costs, cut)) == pytest.approx(brute_force(costs, k))
+    assert max(partition.stage_costs(costs, cut, rerun)) == pytest.approx(brute_force(costs, k, rerun))
 
 
 def test_partition_rejects_impossible_requests():
@@ -46,6 +48,11 @@ def test_partition_rejects_impossible_requests():
 def test_balance():
     assert partition.balance([1, 1, 1, 1], [1, 2, 3]) == 1.0
     assert partition.balance([3, 1], [1]) == pytest.approx(2 / 3)
+    # the last stage runs its forward once: stages cost [1 + 0.5, 1], [2 + 1, 1]
+    assert partition.stage_costs([1, 1], [1], [0.5, 0.5]) == [1.5, 1.0]
+    assert partition.stage_costs([2, 1, 1], [1, 2], [1, 0.5, 0.5]) == [3.0, 1.5, 1.0]
+    # equal blocks: re-run forwards move the cut towards the last stage's side
+    assert partition.linear_partition([1] * 10, 2) == [5] and partition.linear_partition([1] * 10, 2, [0.5] * 10) == [4]
 
 
 @pytest.mark.parametrize("name,blocks,params", [("resnet20", 11, 269_722), ("resnet56", 29, 853_018), ("cnn", 6, 70_618)])
@@ -81,6 +88,15 @@ def test_block_costs_are_counted_on_the_cpu_whatever_the_default_device():
     assert moved == partition.block_costs(blocks, example)[0] and all(c > 1e6 for c in moved)
 
 
+def test_the_stages_that_rerun_their_forwards():
+    from fdbp_jax.engines import reruns_forward
+
+    assert [reruns_forward("fdbp", s) for s in ("recompute", "selective", "residuals", "auto")] == [True, False, False, False]
+    assert reruns_forward("gpipe", "auto") and reruns_forward("1f1b", "selective") and not reruns_forward("bp", "recompute")
+    with pytest.raises(ValueError, match="algorithm 'pipedream' is not known"):
+        reruns_forward("pipedream", "auto")
+
+
 def test_unknown_model():
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
         models.model_blocks("vgg")
@@ -98,6 +114,9 @@ def test_split_blocks_cuts_nnx_and_linen_blocks_by_cost():
     split = fj.split_blocks(nnx_blocks(), 3, example)
     assert len(split.stages) == 3 and all(isinstance(s, nnx.Module) for s in split.stages)
     assert split.boundaries == partition.linear_partition(split.costs, 3) and len(split.costs) == 6
+    rerun = fj.split_blocks(nnx_blocks(), 3, example, rerun_forward=True)  # each block's forward FLOPs
+    assert all(0 < f < c for f, c in zip(rerun.rerun_costs, rerun.costs))
+    assert rerun.boundaries == partition.linear_partition(rerun.costs, 3, rerun.rerun_costs)
     assert "balance (mean/max stage FLOPs)" in str(split) and 0 < split.balance <= 1
     trainer = fj.Trainer(split.stages, toy.cross_entropy, optax.sgd(0.1))
     x, y = toy.batches(1, batch=4)
@@ -117,12 +136,17 @@ def test_split_blocks_names_the_block_that_does_not_chain():
 
 
 def test_split_blocks_can_balance_measured_time():
-    """measure="time": each block's forward + backward + recomputed forward, in seconds on this device."""
+    """measure="time": each block's forward + backward in seconds on this device; with rerun_forward its
+    forward again in the stages before the last (FDBP recomputing, GPipe, 1F1B)."""
     example = jax.ShapeDtypeStruct((4, 8, 8, 3), jnp.float32)
     split = fj.split_blocks(nnx_blocks(), 2, example, measure="time")
-    assert split.measure == "time" and all(0 < c < 10 for c in split.costs)
+    assert split.measure == "time" and all(0 < c < 10 for c in split.costs) and split.rerun_costs is None
     assert split.boundaries == partition.linear_partition(split.costs, 2)
     assert "balance (mean/max stage time)" in str(split)
+    rerun = fj.split_blocks(nnx_blocks(), 2, example, measure="time", rerun_forward=True)
+    assert len(rerun.rerun_costs) == 6 and all(0 < c < 10 for c in rerun.rerun_costs)
+    assert rerun.boundaries == partition.linear_partition(rerun.costs, 2, rerun.rerun_costs)
+    assert "balance (mean/max stage time, forwards re-run)" in str(rerun)
     with pytest.raises(ValueError, match="measure='watts' is not known"):
         fj.split_blocks(nnx_blocks(), 2, example, measure="watts")
 

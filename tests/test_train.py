@@ -101,7 +101,17 @@ def test_resume_refuses_other_settings(tmp_path):
                                  datasets=datasets, show_progress=False)
     # --stash auto (the default) ran the fastest stash that fits, selective on this host; a resume must
     # keep that mode's rings: auto takes it, another mode is refused by name
-    assert json.load(open(tmp_path / "summary.json"))["stash"] == "selective"
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["stash"] == "selective"
+    # and its cut: a cost-balanced one (by --split-by time: measured anew each run) is the checkpoint's
+    from fdbp_jax.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(str(tmp_path / "checkpoints"))
+    resumed = checkpoints.config_to_resume(Config(**TINY, epochs=2))
+    assert resumed.stash == "selective" and list(resumed.boundaries) == summary["boundaries"]
+    pinned = checkpoints.config_to_resume(Config(**TINY, epochs=2, boundaries=(1,)))
+    assert pinned.boundaries == (1,)  # a --boundaries given is kept (and compared with the checkpoint's settings)
+    checkpoints.close()
     with pytest.raises(ValueError, match=r"other settings: stash 'selective' \(checkpoint\) vs 'recompute' \(now\)"):
         train.train_and_evaluate(Config(**TINY, epochs=2, stash="recompute"), str(tmp_path), resume=True,
                                  datasets=datasets, show_progress=False)

@@ -130,5 +130,15 @@ def pipeline_timetable(algorithm: str, num_stages: int, microbatches: int) -> Ti
     return build.timetable(num_stages, microbatches)
 
 
+def reruns_forward(algorithm: str, stash: str) -> bool:
+    """Whether the stages before the last run each forward again before its backward: FDBP with the
+    recompute stash, and the synchronous pipelines. A cost-balanced split adds that forward to their
+    cost (`split_blocks(rerun_forward=...)`). With stash "auto" FDBP is counted as keeping residuals:
+    auto takes the selective stash wherever its rings fit."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm {algorithm!r} is not known: use one of {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[algorithm].pipelined and (algorithm != "fdbp" or stash == "recompute")
+
+
 __all__ = ["ALGORITHMS", "AUTO_STASH", "Algorithm", "Engine", "EngineOptions", "STASH_CHOICES", "STASH_MODES",
-           "SynchronousPipeline", "pipeline_timetable"]
+           "SynchronousPipeline", "pipeline_timetable", "reruns_forward"]
