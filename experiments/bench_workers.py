@@ -3,7 +3,7 @@ core with taskset; on a GPU host one process per GPU), joined by jax.distributed
 
     python experiments/bench_workers.py [--processes 2] [--model resnet20] [--batch 128] [--steps 10]
         [--microbatches 4] [--configs bp1,bp,fdbp-recompute,...] [--split-unit auto|block|half-block]
-        [--check-model] [--system-malloc] [--out runs/workers]
+        [--rounds 1] [--check-model] [--system-malloc] [--out runs/workers]
 
 For one model and global batch it times BP on 1 worker (beside an identical independent twin on the
 other worker's core, so both sides of the ratio see the same machine), data-parallel BP on P workers,
@@ -14,7 +14,10 @@ waiting for peers; and the process's CPU time per step, which on a pinned worker
 from its idle wait). With P > 1 it also measures the links it uses: a ppermute of one stage message and
 an all-reduce of the largest stage's gradient between the processes. With --check-model it measures
 the speed model's curves on one worker and puts `fdbp_jax.perf`'s prediction of every row beside its
-measurement. Writes <out>/workers.json.
+measurement. With --rounds R it measures every configuration R times, round by round, and gives each
+row's speedup against its own round's 1-worker baseline, then the median and range over the rounds:
+a machine whose speed drifts over minutes (shared hosts) moves a row and a baseline measured minutes
+apart, not a round's. Writes <out>/workers.json.
 """
 
 from __future__ import annotations
@@ -264,6 +267,55 @@ def check_model(rows: list[dict], args) -> dict:
     return {"curves": measured, "twin_curves": twins[1:], "link": {"bandwidth": link.bandwidth, "latency": link.latency}}
 
 
+def measure_round(names: list[str], args, base: dict, round_index: int) -> tuple[list[dict], dict | None]:
+    """Every configuration of `names` once, each a fresh set of processes: the round's rows (speedups
+    against this round's 1-worker baseline) and the provenance of its first row."""
+    rows, provenance = [], None
+    for name in names:
+        algorithm, workers, stash, micro = CONFIGS[name]
+        for M in ([1] if micro == 1 else list(map(int, args.microbatches.split(",")))):
+            label = name if micro == 1 else f"{name}-M{M}"
+            settings = {**base, "name": label, "algorithm": algorithm, "stash": stash, "microbatches": M,
+                        "links": name == "fdbp-recompute"}
+            if workers == 1:  # the baseline and its twin, side by side, each alone in its process
+                results = launch(settings, 1, list(range(args.processes)))
+            else:
+                results = launch(settings, args.processes, list(range(args.processes)))
+            provenance = provenance or results[0].get("provenance")
+            seconds = results[0]["seconds_per_step"] if workers != 1 else statistics.mean(
+                r["seconds_per_step"] for r in results)
+            row = {"name": label, "round": round_index, "algorithm": algorithm, "workers": workers or args.processes,
+                   "stash": stash, "microbatches": M, "seconds_per_step": seconds, "images_per_s": args.batch / seconds,
+                   "per_process": [{k: r[k] for k in ("seconds_per_step", "parts_ms", "cpu_ms_per_step")}
+                                   for r in results],
+                   "boundaries": results[0]["boundaries"]}
+            if "links" in results[0]:
+                row["links"] = results[0]["links"]
+            rows.append(row)
+            print(f"round {round_index} {label:<18} {1e3 * seconds:8.1f} ms/step {args.batch / seconds:8.1f} images/s",
+                  flush=True)
+    baseline = next((r["seconds_per_step"] for r in rows if r["name"] == "bp1"), None)
+    for row in rows:
+        row["speedup_vs_1_worker"] = None if baseline is None else baseline / row["seconds_per_step"]
+    return rows, provenance
+
+
+def over_rounds(rows: list[dict]) -> dict:
+    """Per configuration: the median and range over the rounds of its seconds per step and its speedup
+    (each against its own round's baseline), and the cuts it ran."""
+    summary = {}
+    for name in dict.fromkeys(r["name"] for r in rows):
+        mine = [r for r in rows if r["name"] == name]
+        speedups = [r["speedup_vs_1_worker"] for r in mine if r["speedup_vs_1_worker"] is not None]
+        summary[name] = {
+            "seconds_per_step": statistics.median(r["seconds_per_step"] for r in mine),
+            "speedup_median": statistics.median(speedups) if speedups else None,
+            "speedup_range": [min(speedups), max(speedups)] if speedups else None,
+            "speedups": speedups, "boundaries": sorted({tuple(r["boundaries"]) for r in mine}),
+        }
+    return summary
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--processes", type=int, default=2)
@@ -280,6 +332,8 @@ def main(argv=None) -> int:
     p.add_argument("--split-unit", default="auto", choices=("auto", "block", "half-block"),
                    help="what the cuts fall between: whole blocks, or halves of ResNet basic blocks (finer cuts; "
                         "auto: halves for the ResNets, whole blocks otherwise)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every configuration this many times, round by round (speedups within each round)")
     p.add_argument("--check-model", action="store_true",
                    help="also predict every row with fdbp_jax.perf from curves measured on one worker and the links")
     p.add_argument("--system-malloc", action="store_true",
@@ -301,49 +355,36 @@ def main(argv=None) -> int:
         p.error(f"--configs {','.join(unknown)}: not known; use some of {', '.join(CONFIGS)}")
     if args.processes < 2 or args.batch % (args.processes * max(map(int, args.microbatches.split(",")))):
         p.error("--processes must be >= 2 and --batch divisible by processes x every --microbatches value")
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: give 1 or more")
     os.makedirs(args.out, exist_ok=True)
     base = {"model": args.model, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
             "boundaries": args.boundaries, "measure": args.measure, "split_unit": args.split_unit,
             "system_malloc": args.system_malloc}
     rows, provenance = [], None
-    for name in names:
-        algorithm, workers, stash, micro = CONFIGS[name]
-        for M in ([1] if micro == 1 else list(map(int, args.microbatches.split(",")))):
-            label = name if micro == 1 else f"{name}-M{M}"
-            settings = {**base, "name": label, "algorithm": algorithm, "stash": stash, "microbatches": M,
-                        "links": name == "fdbp-recompute"}
-            if workers == 1:  # the baseline and its twin, side by side, each alone in its process
-                results = launch(settings, 1, list(range(args.processes)))
-            else:
-                results = launch(settings, args.processes, list(range(args.processes)))
-            provenance = provenance or results[0].get("provenance")
-            seconds = results[0]["seconds_per_step"] if workers != 1 else statistics.mean(
-                r["seconds_per_step"] for r in results)
-            row = {"name": label, "algorithm": algorithm, "workers": workers or args.processes, "stash": stash,
-                   "microbatches": M, "seconds_per_step": seconds, "images_per_s": args.batch / seconds,
-                   "per_process": [{k: r[k] for k in ("seconds_per_step", "parts_ms", "cpu_ms_per_step")}
-                                   for r in results],
-                   "boundaries": results[0]["boundaries"]}
-            if "links" in results[0]:
-                row["links"] = results[0]["links"]
-            rows.append(row)
-            print(f"{label:<18} {1e3 * seconds:8.1f} ms/step {args.batch / seconds:8.1f} images/s", flush=True)
-    baseline = next((r["seconds_per_step"] for r in rows if r["name"] == "bp1"), None)
-    for row in rows:
-        row["speedup_vs_1_worker"] = None if baseline is None else baseline / row["seconds_per_step"]
+    for round_index in range(args.rounds):
+        round_rows, round_provenance = measure_round(names, args, base, round_index)
+        rows += round_rows
+        provenance = provenance or round_provenance
     model = check_model(rows, args) if args.check_model else None
     result = {"provenance": {**(provenance or {}), "processes": args.processes, "model": args.model,
                              "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
                              "boundaries": args.boundaries or f"split_blocks, measure={args.measure}",
                              "split_unit": args.split_unit,
                              "data": "random normal images, fixed seed 0", "pinned": not on_gpu()},
-              "rows": rows, "model": model}
+              "rows": rows, "over_rounds": over_rounds(rows), "model": model}
     with open(os.path.join(args.out, "workers.json"), "w") as f:
         json.dump(result, f, indent=1)
     for row in rows:
         speedup, predicted = row["speedup_vs_1_worker"], row.get("predicted_seconds")
-        print(f"{row['name']:<18} " + (f"speedup {speedup:.2f}x" if speedup else "")
+        print(f"round {row['round']} {row['name']:<18} " + (f"speedup {speedup:.2f}x" if speedup else "")
               + (f"  predicted {1e3 * predicted:7.1f} ms ({100 * row['model_error']:+.0f}%)" if predicted else ""))
+    if args.rounds > 1:
+        for name, entry in result["over_rounds"].items():
+            if entry["speedup_median"] is not None:
+                low, high = entry["speedup_range"]
+                print(f"{name:<18} speedup median {entry['speedup_median']:.2f}x over {args.rounds} rounds "
+                      f"({low:.2f}-{high:.2f}x)")
     return 0
 
 

@@ -140,6 +140,22 @@ def test_link_fitted_to_the_measured_links_reproduces_them():
     np.testing.assert_allclose(link.all_reduce(links["gradient_bytes"], 2), links["all_reduce_s"], rtol=1e-9)
 
 
+def test_bench_workers_gives_each_round_its_own_baseline():
+    """With --rounds, a row's speedup is against the 1-worker baseline of its own round (the machine may
+    drift between rounds), then the median and range over the rounds."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    from bench_workers import over_rounds
+
+    rows = [{"name": name, "round": r, "seconds_per_step": s, "speedup_vs_1_worker": speedup, "boundaries": cut}
+            for name, r, s, speedup, cut in [("bp1", 0, 1.0, 1.0, []), ("fdbp", 0, 0.5, 2.0, [7]),
+                                             ("bp1", 1, 2.0, 1.0, []), ("fdbp", 1, 1.25, 1.6, [6]),
+                                             ("bp1", 2, 1.5, 1.0, []), ("fdbp", 2, 0.8, 1.875, [7])]]
+    summary = over_rounds(rows)
+    assert summary["fdbp"]["speedup_median"] == pytest.approx(1.875) and summary["fdbp"]["speedup_range"] == [1.6, 2.0]
+    assert summary["fdbp"]["seconds_per_step"] == pytest.approx(0.8) and summary["fdbp"]["boundaries"] == [(6,), (7,)]
+    assert summary["bp1"]["speedups"] == [1.0, 1.0, 1.0]
+
+
 def test_provenance_names_the_commit_measured():
     """Every benchmark's provenance (`costs.provenance`) says which code ran: the checkout's HEAD, marked
     "+changes" exactly when its tracked files differ from it."""
