@@ -9,8 +9,7 @@ BP step on (8, 1) and on (2, 4), all in this process, median of --steps steps af
 compiled step's per-device memory (`memory_analysis`), and its CPU time (user, kernel) and page
 faults per step; BP on (8, 1) at FDBP's per-device batch (global 4x), and FDBP with one stage there
 (data-parallel SGD through the FDBP engine: its own overhead); FDBP's stash growth with K; the bytes
-sent between stages per tick; and the speed model's predicted vs measured tick (recompute and
-selective stashes). Unless --system-malloc, it restarts itself with malloc on transparent huge pages
+sent between stages per tick; and the speed model's predicted vs measured tick (every stash). Unless --system-malloc, it restarts itself with malloc on transparent huge pages
 (`fdbp_jax.host_memory`), as fdbp-train does on a simulated mesh. Writes <out>/bench.json.
 The last line printed is the ResNet-20 ratio FDBP (fastest stash) / best BP.
 """
@@ -67,14 +66,17 @@ def timed_steps(trainer, x, y, steps: int) -> tuple[float, float, object]:
 
 
 def cpu_per_step(trainer, state, x, y, steps: int = 3) -> tuple[dict, object]:
-    """This process's CPU seconds (user, kernel) and minor page faults per step over `steps` more steps:
-    where the wall time goes on the shared cores. (Those per step, the state.)"""
+    """This process's CPU seconds (user, kernel), wall seconds and minor page faults per step over `steps`
+    more steps, and the cores they kept busy (CPU / wall of the same steps): where the wall time goes on
+    the shared cores. (Those per step, the state.)"""
     before, faults = os.times(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(steps):
         state, _ = trainer.step(state, x, y)
         jax.block_until_ready(state)
     after = os.times()
+    cpu = (after.user - before.user) + (after.system - before.system)
     return {"user_s": (after.user - before.user) / steps, "system_s": (after.system - before.system) / steps,
+            "wall_s": (after.elapsed - before.elapsed) / steps, "cores_busy": cpu / (after.elapsed - before.elapsed),
             "minor_faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps}, state
 
 
@@ -171,7 +173,8 @@ def main(argv=None) -> int:
             peak = row[label]["compiled_memory"]["peak"] / 2**20
             print(f"{name:9s} {label:22s} compile {compile_s:6.1f} s  {1e6 * step_s / args.batch:8.1f} us/example  "
                   f"peak {peak:7.1f} MiB/device  CPU/step user {cpu['user_s'] * 1e3:5.0f} ms kernel "
-                  f"{cpu['system_s'] * 1e3:4.0f} ms, {cpu['minor_faults']:7.0f} faults", flush=True)
+                  f"{cpu['system_s'] * 1e3:4.0f} ms, {cpu['minor_faults']:7.0f} faults, {cpu['cores_busy']:.2f} cores busy",
+                  flush=True)
         best_bp = min(row["bp (8,1)"]["step_s"], row["bp (2,4)"]["step_s"])
         for mode in STASH_MODES:
             row[f"ratio {mode}"] = row[f"fdbp (2,4) {mode}"]["step_s"] / best_bp
