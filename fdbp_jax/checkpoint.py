@@ -70,18 +70,20 @@ class Checkpoints:
     def config_to_resume(self, config: Config) -> Config:
         """The settings a resumed run builds its engine with, from the newest readable checkpoint where
         `config` leaves them open: with --stash auto the mode it ran (its state holds that mode's rings,
-        whatever auto would pick here), and without --boundaries the cut it ran (a cut by --split-by time
-        is measured anew each run, and may fall elsewhere)."""
+        whatever auto would pick here), and without --boundaries the cut it ran, where it cut the same
+        blocks into as many stages (a cut by --split-by time is measured anew each run, and may fall
+        elsewhere). Other differences are left for `restore_latest` to name."""
         for step in reversed(self.all_steps()):
             try:
                 meta = self.read_meta(step)
             except Exception:  # unreadable: restore_latest reports it and moves it aside
                 continue
-            stash = meta.get("stash") or meta["config"].get("stash", AUTO_STASH)
-            boundaries = meta.get("boundaries")
-            return dataclasses.replace(
-                config, stash=stash if config.stash == AUTO_STASH else config.stash,
-                boundaries=tuple(boundaries) if config.boundaries is None and boundaries is not None else config.boundaries)
+            saved = Config.from_json(meta["config"])
+            stash = meta.get("stash") or saved.stash
+            same_blocks = all(getattr(saved, key) == getattr(config, key) for key in ("model", "stages", "split_unit"))
+            boundaries = meta.get("boundaries") if same_blocks and config.boundaries is None else None
+            return dataclasses.replace(config, stash=stash if config.stash == AUTO_STASH else config.stash,
+                                       boundaries=config.boundaries if boundaries is None else tuple(boundaries))
         return config
 
     def restore_latest(self, like: Any, config: Config, ticks_per_epoch: int) -> tuple[Any, dict, int]:
