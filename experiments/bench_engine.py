@@ -9,8 +9,9 @@ BP step on (8, 1) and on (2, 4), all in this process, median of --steps steps af
 compiled step's per-device memory (`memory_analysis`), and its CPU time (user, kernel) and page
 faults per step; BP on (8, 1) at FDBP's per-device batch (global 4x), and FDBP with one stage there
 (data-parallel SGD through the FDBP engine: its own overhead); FDBP's stash growth with K; the bytes
-sent between stages per tick; and the speed model's predicted vs measured tick (every stash). Unless --system-malloc, it restarts itself with malloc on transparent huge pages
-(`fdbp_jax.host_memory`), as fdbp-train does on a simulated mesh. Writes <out>/bench.json.
+sent between stages per tick; and the speed model's predicted vs measured tick (every stash). Unless
+--system-malloc, it restarts itself with malloc on transparent huge pages (`fdbp_jax.host_memory`),
+as fdbp-train does on a simulated mesh. Writes <out>/bench.json.
 The last line printed is the ResNet-20 ratio FDBP (fastest stash) / best BP.
 """
 
@@ -74,9 +75,9 @@ def cpu_per_step(trainer, state, x, y, steps: int = 3) -> tuple[dict, object]:
         state, _ = trainer.step(state, x, y)
         jax.block_until_ready(state)
     after = os.times()
-    cpu = (after.user - before.user) + (after.system - before.system)
+    cpu, wall = (after.user - before.user) + (after.system - before.system), after.elapsed - before.elapsed
     return {"user_s": (after.user - before.user) / steps, "system_s": (after.system - before.system) / steps,
-            "wall_s": (after.elapsed - before.elapsed) / steps, "cores_busy": cpu / (after.elapsed - before.elapsed),
+            "wall_s": wall / steps, "cores_busy": cpu / wall,
             "minor_faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps}, state
 
 

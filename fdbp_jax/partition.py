@@ -39,18 +39,18 @@ class Split:
     rerun_forward: bool = False  # stages before the last also pay each block's forward again
 
     @functools.cached_property
-    def _costs(self) -> tuple[list[float], list[int]]:
-        return block_costs(self.blocks, self.example, self.measure)
+    def _costs(self) -> tuple[list[float], list[int], list[float] | None]:
+        return measure_blocks(self.blocks, self.example, self.measure, self.rerun_forward)
 
     @property
     def costs(self) -> list[float]:
         """Each block's forward + backward cost on the example batch (`measure`; counted when first asked for)."""
         return self._costs[0]
 
-    @functools.cached_property
+    @property
     def rerun_costs(self) -> list[float] | None:
         """Each block's forward cost, paid again by the stages before the last (None unless `rerun_forward`)."""
-        return block_costs(self.blocks, self.example, self.measure, forward_only=True)[0] if self.rerun_forward else None
+        return self._costs[2]
 
     @property
     def params(self) -> list[int]:
@@ -114,48 +114,59 @@ def join_blocks(blocks: Sequence[Any], boundaries: Sequence[int]) -> list:
     return [Blocks(run) if isinstance(run[0], nn.Module) else nnx.Sequential(*run) for run in runs]
 
 
-def block_costs(blocks: Sequence[Any], example: jax.ShapeDtypeStruct, measure: str = "flops",
-                forward_only: bool = False) -> tuple[list[float], list[int]]:
+def block_costs(blocks: Sequence[Any], example: jax.ShapeDtypeStruct,
+                measure: str = "flops") -> tuple[list[float], list[int]]:
     """Each block's cost on `example`'s batch and its parameter count; a ValueError naming the block and
     the shapes where a block cannot take the previous one's output. The cost (`measure`) is "flops" of
     forward + backward (counted, the same on every machine), or "time": seconds of forward + backward
     measured on the default device; FLOPs cost unevenly on a CPU (ResNet-20's 16-channel 32x32
-    convolutions take ~2x the time per FLOP of its 64-channel ones). With `forward_only`, the forward's."""
+    convolutions take ~2x the time per FLOP of its 64-channel ones)."""
+    return measure_blocks(blocks, example, measure)[:2]
+
+
+def measure_blocks(blocks: Sequence[Any], example: jax.ShapeDtypeStruct, measure: str = "flops",
+                   with_forward: bool = False) -> tuple[list[float], list[int], list[float] | None]:
+    """`block_costs`, and with `with_forward` each block's forward cost alone (else None), in one walk."""
     if measure not in MEASURES:
         raise ValueError(f"measure={measure!r} is not known: use one of {MEASURES}")
-    costs, params, h = [], [], example
+    works = ("forward_backward", "forward") if with_forward else ("forward_backward",)
+    costs, params, h = {work: [] for work in works}, [], example
     for i, block in enumerate(blocks):
         stage = as_stage(block)
         variables = jax.eval_shape(stage.init, jax.random.key(0), h)
         state = {name: value for name, value in variables.items() if name != "params"}
         output = trace_shapes([stage], [variables], h, what="block", first=i)[-1]
         key = stage.forward_key(0, 0)
+        forward = lambda p, s, x: stage.apply(p, s, x, train=True, key=key)[0]
 
         def forward_backward(p, s, x):
-            out, vjp = jax.vjp(lambda p_, x_: stage.apply(p_, s, x_, train=True, key=key)[0], p, x)
+            out, vjp = jax.vjp(lambda p_, x_: forward(p_, s, x_), p, x)
             return vjp(jax.tree.map(jnp.ones_like, out))
 
-        forward = lambda p, s, x: stage.apply(p, s, x, train=True, key=key)[0]
-        work = forward if forward_only else forward_backward
+        functions = {"forward_backward": forward_backward, "forward": forward}
         if measure == "time":
             concrete = stage.init(jax.random.key(0), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), h))
             inputs = random_inputs(h, seed=i)
             concrete_state = {name: value for name, value in concrete.items() if name != "params"}
-            run = jax.jit(fast_convolutions(work, jax.default_backend()))
-            costs.append(median_seconds(run, concrete["params"], concrete_state, inputs, repeats=5))
+            for work in works:
+                run = jax.jit(fast_convolutions(functions[work], jax.default_backend()))
+                costs[work].append(median_seconds(run, concrete["params"], concrete_state, inputs, repeats=5))
         else:
             # counted by XLA:CPU on the lowered HLO, whatever the default backend: compiled GPU code hides
             # convolutions in library calls that report no FLOPs (an H100 cut ResNet-20 into [2, 3, 5]),
             # and the GPU client gives no analysis of lowered HLO
-            with jax.default_device(jax.devices("cpu")[0]):
-                analysis = jax.jit(work).lower(variables["params"], state, h).cost_analysis()
-            analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-            costs.append(float(analysis.get("flops", 0.0)))
+            for work in works:
+                with jax.default_device(jax.devices("cpu")[0]):
+                    analysis = jax.jit(functions[work]).lower(variables["params"], state, h).cost_analysis()
+                analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+                costs[work].append(float(analysis.get("flops", 0.0)))
         params.append(sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(variables["params"])))
         h = output
+    measured = np.asarray([costs[work] for work in works], np.float64)
     if measure == "time" and jax.process_count() > 1:  # every process cuts where process 0 measured
-        costs = [float(c) for c in multihost_utils.broadcast_one_to_all(np.asarray(costs, np.float64))]
-    return costs, params
+        measured = np.asarray(multihost_utils.broadcast_one_to_all(measured))
+    rows = [[float(c) for c in row] for row in measured]
+    return rows[0], params, rows[1] if with_forward else None
 
 
 def linear_partition(costs: Sequence[float], num_stages: int, rerun: Sequence[float] | None = None) -> list[int]:
