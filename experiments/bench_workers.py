@@ -15,7 +15,8 @@ from its idle wait). With P > 1 it also measures the links it uses: a ppermute o
 an all-reduce of the largest stage's gradient between the processes. With --check-model it measures
 the speed model's curves on one worker and puts `fdbp_jax.perf`'s prediction of every row beside its
 measurement. With --rounds R it measures every configuration R times, round by round, and gives each
-row's speedup against its own round's 1-worker baseline, then the median and range over the rounds:
+row's speedup against its own round's 1-worker baseline, then the median and range over the rounds
+(and each algorithm's best configuration per round: FDBP's best stash):
 a machine whose speed drifts over minutes (shared hosts) moves a row and a baseline measured minutes
 apart, not a round's. Writes <out>/workers.json.
 """
@@ -316,6 +317,26 @@ def over_rounds(rows: list[dict]) -> dict:
     return summary
 
 
+def best_per_round(rows: list[dict]) -> dict:
+    """Per algorithm run on every worker: in each round its fastest configuration (FDBP's best stash, the
+    pipelines' best M) and that speedup, then their median and range: how a speedup asked "with the
+    best stash, in repeated runs" reads off the rounds."""
+    best: dict = {}
+    for row in rows:
+        if row["workers"] == 1 or row["speedup_vs_1_worker"] is None:
+            continue
+        per_round = best.setdefault(row["algorithm"], {})
+        kept = per_round.get(row["round"])
+        if kept is None or row["speedup_vs_1_worker"] > kept["speedup"]:
+            per_round[row["round"]] = {"round": row["round"], "name": row["name"], "speedup": row["speedup_vs_1_worker"]}
+    summary = {}
+    for algorithm, per_round in best.items():
+        speedups = [entry["speedup"] for entry in per_round.values()]
+        summary[algorithm] = {"rounds": [per_round[r] for r in sorted(per_round)], "median": statistics.median(speedups),
+                              "range": [min(speedups), max(speedups)]}
+    return summary
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--processes", type=int, default=2)
@@ -372,7 +393,7 @@ def main(argv=None) -> int:
                              "boundaries": args.boundaries or f"split_blocks, measure={args.measure}",
                              "split_unit": args.split_unit,
                              "data": "random normal images, fixed seed 0", "pinned": not on_gpu()},
-              "rows": rows, "over_rounds": over_rounds(rows), "model": model}
+              "rows": rows, "over_rounds": over_rounds(rows), "best_per_round": best_per_round(rows), "model": model}
     with open(os.path.join(args.out, "workers.json"), "w") as f:
         json.dump(result, f, indent=1)
     for row in rows:
@@ -385,6 +406,9 @@ def main(argv=None) -> int:
                 low, high = entry["speedup_range"]
                 print(f"{name:<18} speedup median {entry['speedup_median']:.2f}x over {args.rounds} rounds "
                       f"({low:.2f}-{high:.2f}x)")
+    for algorithm, entry in result["best_per_round"].items():
+        rounds = ", ".join(f"{e['speedup']:.2f}x ({e['name']})" for e in entry["rounds"])
+        print(f"{algorithm} at its best, per round: {rounds}; median {entry['median']:.2f}x")
     return 0
 
 

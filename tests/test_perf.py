@@ -156,6 +156,27 @@ def test_bench_workers_gives_each_round_its_own_baseline():
     assert summary["bp1"]["speedups"] == [1.0, 1.0, 1.0]
 
 
+def test_bench_workers_reads_each_algorithms_best_configuration_per_round():
+    """FDBP "with the best stash" is, in each round, its fastest stash against that round's baseline;
+    the 1-worker rows are not an algorithm's configuration."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    from bench_workers import best_per_round
+
+    rows = [{"name": name, "algorithm": name.split("-")[0], "workers": 1 if name == "bp1" else 2, "round": r,
+             "speedup_vs_1_worker": speedup}
+            for name, r, speedup in [("bp1", 0, 1.0), ("bp", 0, 1.9), ("fdbp-recompute", 0, 1.57),
+                                     ("fdbp-selective", 0, 1.63), ("bp1", 1, 1.0), ("bp", 1, 2.0),
+                                     ("fdbp-recompute", 1, 1.72), ("fdbp-selective", 1, 1.71),
+                                     ("bp1", 2, 1.0), ("bp", 2, 1.95), ("fdbp-recompute", 2, 1.73),
+                                     ("fdbp-selective", 2, 1.77)]]
+    best = best_per_round(rows)
+    assert set(best) == {"bp", "fdbp"}
+    assert [(e["round"], e["name"]) for e in best["fdbp"]["rounds"]] == [
+        (0, "fdbp-selective"), (1, "fdbp-recompute"), (2, "fdbp-selective")]
+    assert best["fdbp"]["median"] == pytest.approx(1.72) and best["fdbp"]["range"] == [1.63, 1.77]
+    assert best["bp"]["median"] == pytest.approx(1.95)
+
+
 def test_provenance_names_the_commit_measured():
     """Every benchmark's provenance (`costs.provenance`) says which code ran: the checkout's HEAD, marked
     "+changes" exactly when its tracked files differ from it."""
