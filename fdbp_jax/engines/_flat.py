@@ -41,15 +41,11 @@ class FlatLayout:
         return cls(treedef, tuple(leaves), sizes)
 
     def pack(self, tree: PyTree, padded: Mapping[str, int]) -> Flat:
-        """Tree -> {dtype: vector of length padded[dtype]}, zero-padded."""
-        parts: dict[str, list] = {key: [] for key in padded}
-        for (key, _, _), leaf in zip(self.leaves, jax.tree.leaves(tree)):
-            parts[key].append(jnp.ravel(leaf))
-        out = {}
-        for key, length in padded.items():
-            used = self.sizes.get(key, 0)
-            pad = jnp.zeros((length - used,), dtype=key)
-            out[key] = jnp.concatenate([*parts[key], pad]) if parts[key] else pad
+        """Tree -> {dtype: vector of length padded[dtype]}, zero-padded: each leaf written into zeros at
+        its offset (XLA:CPU's loop over a concatenate walks the whole output once per operand)."""
+        out = {key: jnp.zeros((length,), key) for key, length in padded.items()}
+        for (key, offset, _), leaf in zip(self.leaves, jax.tree.leaves(tree)):
+            out[key] = jax.lax.dynamic_update_slice(out[key], jnp.ravel(leaf), (offset,))
         return out
 
     def unpack(self, flat: Mapping[str, jax.Array]) -> PyTree:
@@ -123,8 +119,11 @@ def padded_sizes(layouts: Sequence[FlatLayout]) -> dict[str, int]:
 
 def stack_packed(layouts: Sequence[FlatLayout], trees: Sequence[PyTree], padded: Mapping[str, int]) -> Flat:
     """Pack one tree per stage and stack them: {dtype: (K, length)} host arrays."""
-    packed = [layout.pack(tree, padded) for layout, tree in zip(layouts, trees)]
-    return {key: np.stack([np.asarray(p[key]) for p in packed]) for key in padded}
+    out = {key: np.zeros((len(layouts), length), jnp.dtype(key)) for key, length in padded.items()}
+    for k, (layout, tree) in enumerate(zip(layouts, trees)):
+        for (key, offset, shape), leaf in zip(layout.leaves, jax.tree.leaves(tree)):
+            out[key][k, offset : offset + math.prod(shape)] = np.ravel(np.asarray(leaf))
+    return out
 
 
 def pad_rows(x: jax.Array, width: int, dtype) -> jax.Array:
