@@ -1,11 +1,12 @@
 """Engine overhead, memory, traffic and the speed model, measured on the 8-device CPU mesh.
 
-    python experiments/bench_engine.py [--steps 20] [--batch 128] [--microbatches 4,8,16]
+    python experiments/bench_engine.py [--steps 8] [--rounds 3] [--batch 128] [--microbatches 4,8,16]
         [--engines bp,fdbp,gpipe,1f1b] [--system-malloc] [--out runs/bench]
 
 For ResNet-20 and an MLP: wall time per training example of one FDBP tick on a (2, 4) mesh (every
 stash mode), of one GPipe and one 1F1B step on the same mesh (each --microbatches M), and of one
-BP step on (8, 1) and on (2, 4), all in this process, median of --steps steps after warm-up; each
+BP step on (8, 1) and on (2, 4), all in this process, timed in --rounds rounds of --steps steps each in
+turn (so the machine's drift over minutes slows every configuration alike), the median of them; each
 compiled step's per-device memory (`memory_analysis`), and its CPU time (user, kernel) and page
 faults per step; BP on (8, 1) at FDBP's per-device batch (global 4x), and FDBP with one stage there
 (data-parallel SGD through the FDBP engine: its own overhead); FDBP's stash growth with K; the bytes
@@ -59,11 +60,6 @@ def model_blocks(name: str) -> list[nn.Module]:
     if name == "mlp":
         return [Dense(1024) for _ in range(7)] + [Classifier()]
     return models.model_blocks(name)
-
-
-def timed_steps(trainer, x, y, steps: int) -> tuple[float, float, object]:
-    """(compile seconds, median seconds per step, state)."""
-    return perf.time_steps(trainer, trainer.init(jax.random.key(0), x), x, y, steps)
 
 
 def cpu_per_step(trainer, state, x, y, steps: int = 3) -> tuple[dict, object]:
@@ -124,7 +120,9 @@ def stage_costs(blocks, boundaries, local_batch: int, repeats: int = 5) -> dict[
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=8, help="timed steps of each configuration per round")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds in which every configuration runs --steps steps in turn (the median of all of them)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--models", default="mlp,resnet20")
     p.add_argument("--microbatches", default="4,8,16", help="GPipe / 1F1B micro-batches per global batch")
@@ -162,8 +160,10 @@ def main(argv=None) -> int:
                for M in map(int, args.microbatches.split(",")) for algorithm in ("gpipe", "1f1b")
                if algorithm in families},
         }
+        timed = perf.time_interleaved({label: (trainer, trainer.init(jax.random.key(0), x))
+                                       for label, trainer in runs.items()}, x, y, args.steps, args.rounds)
         for label, trainer in runs.items():
-            compile_s, step_s, state = timed_steps(trainer, x, y, args.steps)
+            compile_s, step_s, state = timed.pop(label)
             cpu, state = cpu_per_step(trainer, state, x, y)
             row[label] = {"compile_s": compile_s, "step_s": step_s, "us_per_example": 1e6 * step_s / args.batch,
                           "cpu_per_step": cpu,
@@ -183,8 +183,12 @@ def main(argv=None) -> int:
         # BP on (8,1) at FDBP's per-device batch (global 4x): how much of the ratio is this machine's
         # per-example cost growing with the per-device batch, and how much is FDBP's own
         wide = np.concatenate([x] * 4), np.concatenate([y] * 4)
-        _, step_s, _ = timed_steps(fj.Trainer(stages, cross_entropy, opt, mesh=fj.make_mesh(8, 1), algorithm="bp"),
-                                   *wide, args.steps)
+        whole = partition.join_blocks(blocks, [])  # FDBP with one stage: data-parallel SGD through the FDBP engine
+        wide_runs = {"bp": fj.Trainer(stages, cross_entropy, opt, mesh=fj.make_mesh(8, 1), algorithm="bp"),
+                     "fdbp K=1": fj.Trainer(whole, cross_entropy, opt, mesh=fj.make_mesh(8, 1))}
+        wide_timed = perf.time_interleaved({label: (trainer, trainer.init(jax.random.key(0), wide[0]))
+                                            for label, trainer in wide_runs.items()}, *wide, args.steps, args.rounds)
+        step_s, k1_s = wide_timed["bp"][1], wide_timed["fdbp K=1"][1]
         row["bp (8,1) at FDBP's per-device batch"] = {"global_batch": 4 * args.batch, "us_per_example":
                                                       1e6 * step_s / (4 * args.batch)}
         row["ratio at the same per-device batch"] = {
@@ -192,8 +196,6 @@ def main(argv=None) -> int:
         print(f"{name:9s} bp (8,1) at global batch {4 * args.batch} ({args.batch // 2} per device): "
               f"{1e6 * step_s / (4 * args.batch):8.1f} us/example", flush=True)
         # FDBP with one stage is data-parallel SGD: its time against BP's is the engine's own overhead
-        whole = partition.join_blocks(blocks, [])
-        _, k1_s, _ = timed_steps(fj.Trainer(whole, cross_entropy, opt, mesh=fj.make_mesh(8, 1)), *wide, args.steps)
         row["fdbp K=1 (8,1) at FDBP's per-device batch"] = {"us_per_example": 1e6 * k1_s / (4 * args.batch),
                                                              "ratio to bp": k1_s / step_s}
         print(f"{name:9s} fdbp K=1 (8,1) at the same batch: {1e6 * k1_s / (4 * args.batch):8.1f} us/example "

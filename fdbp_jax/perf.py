@@ -18,7 +18,7 @@ import dataclasses
 import json
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -191,24 +191,42 @@ def ticks_to_accuracy(evals: Sequence[dict], target: float) -> int | None:
     return None
 
 
+def _timed_step(trainer: Any, state: Any, x, y) -> tuple[float, Any]:
+    start = time.perf_counter()
+    state, _ = trainer.step(state, x, y)
+    jax.block_until_ready(state)
+    return time.perf_counter() - start, state
+
+
 def time_steps(trainer: Any, state: Any, x, y, steps: int, warmup: int = 3) -> tuple[float, float, Any]:
     """Measure `trainer.step` on one batch: (seconds of the first call, compile included; median
     seconds of `steps` calls after `warmup` more; the final state)."""
-
-    def timed(state):
-        start = time.perf_counter()
-        state, _ = trainer.step(state, x, y)
-        jax.block_until_ready(state)
-        return time.perf_counter() - start, state
-
-    first, state = timed(state)
+    first, state = _timed_step(trainer, state, x, y)
     for _ in range(warmup):
-        _, state = timed(state)
+        _, state = _timed_step(trainer, state, x, y)
     samples = []
     for _ in range(steps):
-        seconds, state = timed(state)
+        seconds, state = _timed_step(trainer, state, x, y)
         samples.append(seconds)
     return first, statistics.median(samples), state
+
+
+def time_interleaved(runs: Mapping[str, tuple[Any, Any]], x, y, steps: int, rounds: int,
+                     warmup: int = 3) -> dict[str, tuple[float, float, Any]]:
+    """`time_steps` for several (trainer, state) pairs at once, in `rounds` rounds of `steps` steps
+    each in turn, so a machine whose speed drifts over minutes slows every run alike and the ratios of
+    their medians hold: {label: (seconds of the first call, median seconds per step, final state)}."""
+    first, states, samples = {}, {}, {label: [] for label in runs}
+    for label, (trainer, state) in runs.items():
+        first[label], states[label] = _timed_step(trainer, state, x, y)
+        for _ in range(warmup):
+            _, states[label] = _timed_step(trainer, states[label], x, y)
+    for _ in range(rounds):
+        for label, (trainer, _) in runs.items():
+            for _ in range(steps):
+                seconds, states[label] = _timed_step(trainer, states[label], x, y)
+                samples[label].append(seconds)
+    return {label: (first[label], statistics.median(samples[label]), states[label]) for label in runs}
 
 
 def random_inputs(shapes, seed: int = 0):

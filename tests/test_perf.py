@@ -177,6 +177,26 @@ def test_bench_workers_reads_each_algorithms_best_configuration_per_round():
     assert best["bp"]["median"] == pytest.approx(1.95)
 
 
+def test_interleaved_timing_runs_every_configuration_in_turn_round_by_round():
+    """`perf.time_interleaved`: after each run's first call and warm-up, `rounds` rounds in which every run
+    takes `steps` steps in turn, each run's state threaded through all of its own calls."""
+    calls = []
+
+    class Counting:
+        def __init__(self, name):
+            self.name = name
+
+        def step(self, state, x, y):
+            calls.append(self.name)
+            return state + 1, {}
+
+    timed = perf.time_interleaved({"a": (Counting("a"), np.int32(0)), "b": (Counting("b"), np.int32(10))},
+                                  None, None, steps=2, rounds=3, warmup=1)
+    assert calls == ["a"] * 2 + ["b"] * 2 + ["a", "a", "b", "b"] * 3
+    assert {label: int(state) for label, (_, _, state) in timed.items()} == {"a": 8, "b": 18}
+    assert all(first >= 0 and median >= 0 for first, median, _ in timed.values())
+
+
 def test_provenance_names_the_commit_measured():
     """Every benchmark's provenance (`costs.provenance`) says which code ran: the checkout's HEAD, marked
     "+changes" exactly when its tracked files differ from it."""
