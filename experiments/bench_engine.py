@@ -221,7 +221,7 @@ def main(argv=None) -> int:
                   f"{measured * 1e3:.1f} ms ({100 * (predicted - measured) / measured:+.0f}%)", flush=True)
         results[name] = row
         ratio = row[f"ratio {row['fastest stash']}"] if name == "resnet20" else ratio
-    results["provenance"] = {**costs.provenance(), "steps": args.steps, "batch": args.batch,
+    results["provenance"] = {**costs.provenance(), "steps": args.steps, "rounds": args.rounds, "batch": args.batch,
                              "malloc": "transparent huge pages (host_memory.HUGE_PAGES_TUNABLE)"
                              if host_memory.has_huge_pages() else "glibc defaults"}
     with open(os.path.join(args.out, "bench.json"), "w") as f:
