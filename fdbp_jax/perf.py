@@ -200,22 +200,16 @@ def _timed_step(trainer: Any, state: Any, x, y) -> tuple[float, Any]:
 
 def time_steps(trainer: Any, state: Any, x, y, steps: int, warmup: int = 3) -> tuple[float, float, Any]:
     """Measure `trainer.step` on one batch: (seconds of the first call, compile included; median
-    seconds of `steps` calls after `warmup` more; the final state)."""
-    first, state = _timed_step(trainer, state, x, y)
-    for _ in range(warmup):
-        _, state = _timed_step(trainer, state, x, y)
-    samples = []
-    for _ in range(steps):
-        seconds, state = _timed_step(trainer, state, x, y)
-        samples.append(seconds)
-    return first, statistics.median(samples), state
+    seconds of `steps` calls after `warmup` more; the final state): one run of `time_interleaved`."""
+    return time_interleaved({"run": (trainer, state)}, x, y, steps, rounds=1, warmup=warmup)["run"]
 
 
 def time_interleaved(runs: Mapping[str, tuple[Any, Any]], x, y, steps: int, rounds: int,
                      warmup: int = 3) -> dict[str, tuple[float, float, Any]]:
-    """`time_steps` for several (trainer, state) pairs at once, in `rounds` rounds of `steps` steps
-    each in turn, so a machine whose speed drifts over minutes slows every run alike and the ratios of
-    their medians hold: {label: (seconds of the first call, median seconds per step, final state)}."""
+    """`trainer.step` of several (trainer, state) pairs on one batch: each one's first call (compile
+    included) and `warmup` more, then `rounds` rounds of `steps` steps each in turn, so a machine whose
+    speed drifts over minutes slows every run alike and the ratios of their medians hold:
+    {label: (seconds of the first call, median seconds per step, final state)}."""
     first, states, samples = {}, {}, {label: [] for label in runs}
     for label, (trainer, state) in runs.items():
         first[label], states[label] = _timed_step(trainer, state, x, y)

@@ -195,6 +195,9 @@ def test_interleaved_timing_runs_every_configuration_in_turn_round_by_round():
     assert calls == ["a"] * 2 + ["b"] * 2 + ["a", "a", "b", "b"] * 3
     assert {label: int(state) for label, (_, _, state) in timed.items()} == {"a": 8, "b": 18}
     assert all(first >= 0 and median >= 0 for first, median, _ in timed.values())
+    calls.clear()  # `time_steps` is one such run
+    assert int(perf.time_steps(Counting("c"), np.int32(0), None, None, steps=3, warmup=2)[2]) == 6
+    assert calls == ["c"] * 6
 
 
 def test_provenance_names_the_commit_measured():
