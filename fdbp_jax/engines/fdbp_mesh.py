@@ -269,30 +269,36 @@ class MeshEngine(StagedMeshEngine):
         depth = stage_table([schedule.stash_depth(k, K) for k in range(K)], stage_index)
         delay = stage_table([schedule.stage_delay(k, K) for k in range(K)], stage_index)
         slot, due_slot = t % depth, (t + 1 - delay) % depth  # this tick's forward; the next tick's backward
-        outbox, labels_out, stash_entry, forward_params, grads, fwd_state, loss = stage_switch(
-            self.mesh, [partial(self._stage_work, k) for k in range(K)]
-        )(
-            stage_index, t, jax.lax.axis_index("data"), Weights(params, model_state, opt_state), x, y,
-            Inbox(tuple(m[0, 0] for m in state.messages), state.label_msg[0, 0]),
-            Due(local_replica(state.due_stash), due_params, due_state),
-        )
+        work = [partial(self._stage_work, k) for k in range(K)]
+        operands = (t, jax.lax.axis_index("data"), Weights(params, model_state, opt_state), x, y,
+                    Inbox(tuple(m[0, 0] for m in state.messages), state.label_msg[0, 0]),
+                    Due(local_replica(state.due_stash), due_params, due_state))
+        due = lambda ring: jax.tree.map(partial(read_row, slot=due_slot), ring)
+
+        def stashing(ring, operands):  # a stage k < K-1: its work, then its entry into its ring
+            *outputs, entry = stage_switch(self.mesh, work[:-1])(stage_index, *operands)
+            return (*outputs, jax.tree.map(partial(write_row, slot=slot), ring, entry))
+
+        # the last stage stashes nothing: it builds no entry (one padded to the others' slots would be
+        # zero-filled each tick: 50 MB on 2 real workers, ResNet-20 K=2 selective) and skips the ring's
+        # write and read (measured there: 2-6 ms a tick, the last stage being the slower one). The rows
+        # are read in a conditional of their own: read in the one above, XLA copied them twice a tick.
+        def last(ring, operands):
+            *outputs, _ = stage_switch(self.mesh, work[-1:])(0, *operands)
+            return (*outputs, ring)
+
+        stashes = stage_index < K - 1
+        outbox, labels_out, forward_params, grads, fwd_state, loss, stash_ring = (
+            jax.lax.cond(stashes, stashing, last, state.stash, operands) if K > 1 else last(state.stash, operands))
+        due_stash = jax.lax.cond(stashes, lambda ring, due_row: due(ring), lambda ring, due_row: due_row,
+                                 stash_ring, state.due_stash)
         (grads, loss), fwd_state = mean_over("data", (grads, loss), fwd_state)
 
         new_params, new_opt_state, new_model_state, nonfinite = finish_stage(
             stage_update(self.packed, self.optimizers, stage_index), params, opt_state, model_state, grads, fwd_state, schedule.has_forward(t, stage_index),
             schedule.has_gradient(t, stage_index, K), self.skip_nonfinite,
         )
-        rings = {"stash": state.stash, "stash_params": state.stash_params, "stash_model_state": state.stash_model_state}
-        due = lambda ring: jax.tree.map(partial(read_row, slot=due_slot), ring)
-
-        # the last stage stashes nothing: it skips the ring's write and read (measured on 2 real workers,
-        # ResNet-20 K=2 selective: 2-6 ms a tick, the last stage being the slower one)
-        def write_stash(ring, due_row):
-            ring = jax.tree.map(partial(write_row, slot=slot), ring, stash_entry)
-            return ring, due(ring)
-
-        rings["stash"], due_stash = jax.lax.cond(stage_index < K - 1, write_stash, lambda ring, due_row: (ring, due_row),
-                                                 rings["stash"], state.due_stash)
+        rings = {"stash": stash_ring, "stash_params": state.stash_params, "stash_model_state": state.stash_model_state}
         if self.stash == "recompute":
             stashed_params = forward_params if self.correction.moves_forward_weights else params
             rings["stash_params"] = jax.tree.map(partial(write_row, slot=slot), rings["stash_params"], stashed_params)
@@ -321,10 +327,10 @@ class MeshEngine(StagedMeshEngine):
         return new_state, jnp.where(schedule.loss_is_valid(t, K), loss, jnp.nan), nonfinite, t
 
     def _stage_work(self, k, t, replica, weights: "Weights", x, y, inbox: "Inbox", stashed: "Due"):
-        """Stage k's forward and its gradient at tick t (one replica, `StageTick`), what it stashes of
-        its forward and the weights that forward ran with (packed; written into the rings outside the
-        stage switch, where XLA writes in place: a conditional copies its operands); outputs padded to
-        common shapes."""
+        """Stage k's forward and its gradient at tick t (one replica, `StageTick`), the weights that
+        forward ran with, and last what it stashes of that forward (None for the last stage), packed
+        (written into the rings outside the stage switch, where XLA writes in place: the ring as an
+        operand of the switch was copied); outputs padded to common shapes."""
         packed, work = self.packed, self.stage_ticks[k]
         params, model_state = packed.params(k, weights.params), packed.model_state(k, weights.model_state)
         activation_in, gradient_in = _link_swap.inbox(k, self.num_stages, inbox.messages)
@@ -334,8 +340,7 @@ class MeshEngine(StagedMeshEngine):
         forward_params = weights.params if self.correction.moves_forward_weights else {}  # {}: the params, outside
         if work.is_last:  # delay 0: loss and gradients at once, nothing to stash
             loss, fwd_state, grads, input_grad = work.last(t, replica, params, model_state, x_in, labels)
-            outputs, labels_out = None, jnp.zeros_like(labels)
-            entry = self.stash_slots.empty()
+            outputs, labels_out, entry = None, jnp.zeros_like(labels), None
         else:
             if self.correction.moves_forward_weights:
                 params = work.forward_params(params, packed.opt_layouts[k].unpack(weights.opt_state))
@@ -363,9 +368,9 @@ class MeshEngine(StagedMeshEngine):
         return (
             _link_swap.outbox(k, self.num_stages, message(outputs), message(input_grad), no_message),
             labels_out,
-            entry,
             forward_params,
             packed.pack_params(k, grads),
             packed.pack_model_state(k, fwd_state),
             jnp.asarray(loss, jnp.float32),
+            entry,
         )
