@@ -11,8 +11,8 @@ compiled step's per-device memory (`memory_analysis`), and its CPU time (user, k
 faults per step; BP on (8, 1) at FDBP's per-device batch (global 4x), and FDBP with one stage there
 (data-parallel SGD through the FDBP engine: its own overhead); FDBP's stash growth with K; the bytes
 sent between stages per tick; and the speed model's predicted vs measured tick (every stash). Unless
---system-malloc, it restarts itself with malloc on transparent huge pages (`fdbp_jax.host_memory`),
-as fdbp-train does on a simulated mesh. Writes <out>/bench.json.
+--system-malloc, it restarts itself with malloc on transparent huge pages kept in its arenas and XLA:CPU
+scheduling for memory (`fdbp_jax.host_memory.mesh_environment`), as fdbp-train does on a simulated mesh. Writes <out>/bench.json.
 The last line printed is the ResNet-20 ratio FDBP (fastest stash) / best BP.
 """
 
@@ -128,12 +128,13 @@ def main(argv=None) -> int:
     p.add_argument("--microbatches", default="4,8,16", help="GPipe / 1F1B micro-batches per global batch")
     p.add_argument("--engines", default="bp,fdbp,gpipe,1f1b", help="which engine families to time")
     p.add_argument("--system-malloc", action="store_true",
-                   help="keep glibc malloc's defaults (else the program restarts itself with transparent huge pages, "
-                        "fdbp_jax.host_memory, as fdbp-train does on a simulated mesh)")
+                   help="keep glibc malloc's and XLA:CPU's defaults (else the program restarts itself with "
+                        "fdbp_jax.host_memory.mesh_environment: huge pages kept in malloc's arenas, XLA:CPU "
+                        "scheduling for memory, as fdbp-train does on a simulated mesh)")
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)
-    if argv is None and not args.system_malloc and host_memory.uses_huge_pages_by_default(DEVICES):
-        host_memory.restart_with_huge_pages()
+    if argv is None and not args.system_malloc and host_memory.uses_mesh_environment_by_default(DEVICES):
+        host_memory.restart_with_mesh_environment()
     families = args.engines.split(",")
     if "bp" not in families or "fdbp" not in families:
         p.error("--engines must include bp and fdbp: the ratios and the speed model compare them")
@@ -222,8 +223,8 @@ def main(argv=None) -> int:
         results[name] = row
         ratio = row[f"ratio {row['fastest stash']}"] if name == "resnet20" else ratio
     results["provenance"] = {**costs.provenance(), "steps": args.steps, "rounds": args.rounds, "batch": args.batch,
-                             "malloc": "transparent huge pages (host_memory.HUGE_PAGES_TUNABLE)"
-                             if host_memory.has_huge_pages() else "glibc defaults"}
+                             "malloc": {"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""),
+                                        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}}
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)
     for name, row in ((n, r) for n, r in results.items() if n != "provenance"):

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--system-malloc", action="store_true",
         help="keep glibc malloc's defaults (by default a process with one CPU device keeps the memory it frees, "
              "which spares XLA:CPU a page fault per fresh page each step, host memory peaking a little higher; "
-             "one with several CPU devices restarts itself with transparent huge pages, a fault per 2 MiB)")
+             "one with several CPU devices restarts itself with malloc on transparent huge pages kept in its arenas, "
+             "and XLA:CPU scheduling for memory: fdbp_jax.host_memory.mesh_environment)")
     add("--no-progress", action="store_true")
     add("--debug", action="store_true", help="show tracebacks")
     return p
@@ -133,8 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv is None and not args.system_malloc:
             if host_memory.keeps_freed_memory_by_default(devices_per_process):
                 host_memory.keep_freed_memory()
-            elif host_memory.uses_huge_pages_by_default(devices_per_process):
-                host_memory.restart_with_huge_pages()
+            elif host_memory.uses_mesh_environment_by_default(devices_per_process):
+                host_memory.restart_with_mesh_environment()
         simulate_devices(devices_per_process)
         if args.coordinator_address or processes > 1:
             distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,

@@ -6,11 +6,17 @@ docs/performance.md). One arena that neither maps nor trims serves every step fr
 holds (peak memory ~9 % higher in that measurement). That pays only with one CPU device per process:
 several simulated devices in one process contend for the one arena (the 8-device mesh on 2 cores ran
 ~1.4x slower, and without the arena limit no faster), and on an accelerator the step's buffers are not
-host memory. A process of several CPU devices instead has malloc back its blocks with transparent huge
-pages (glibc's `glibc.malloc.hugetlb=1`), which takes its faults from one per 4 KiB to one per 2 MiB: the
-8-device mesh's ResNet-20 steps went from 76-108k faults to 3-5k, BP 9 % faster and FDBP 16 %
-(docs/performance.md). glibc reads that setting only when a process starts, so the program restarts
-itself with it (`restart_with_huge_pages`)."""
+host memory.
+
+A process of several CPU devices instead starts with `MESH_TUNABLES` and `MESH_XLA_FLAGS`
+(`mesh_environment`): malloc backs its blocks with transparent huge pages (one fault per 2 MiB, not per
+4 KiB), keeps them in its per-thread arenas (no mmaps, no trimming, a 64 MiB pad that keeps a freed
+heap from being unmapped), and XLA:CPU schedules each step for memory rather than for concurrency
+within a device. A per-thread arena's heap holds at most 64 MiB, and glibc maps a larger block afresh
+whatever its settings; that scheduling brought FDBP's ResNet-20 temporaries from 65.7 to 60.8 MiB a
+device, so its steps stopped faulting (3279 faults a step to 0) and the mesh ran ~10 % faster for BP and
+FDBP alike (docs/performance.md). glibc and XLA read these settings only when a process starts, so the
+program restarts itself with them (`restart_with_mesh_environment`)."""
 
 from __future__ import annotations
 
@@ -25,7 +31,10 @@ from typing import Mapping
 # glibc's mallopt options (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 NEVER_TRIM = 2**31 - 1  # the largest threshold mallopt takes (bytes of free memory at the top of the heap)
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"  # glibc >= 2.35: madvise(MADV_HUGEPAGE) on what malloc maps
+# a process of several CPU devices (glibc >= 2.35 for hugetlb=1: madvise(MADV_HUGEPAGE) on what malloc maps)
+MESH_TUNABLES = ("glibc.malloc.hugetlb=1", "glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={NEVER_TRIM}",
+                 f"glibc.malloc.top_pad={64 * 2**20}")
+MESH_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
 TRANSPARENT_HUGE_PAGES = "/sys/kernel/mm/transparent_hugepage/enabled"  # Linux: "always [madvise] never"
 
 
@@ -72,31 +81,32 @@ def huge_pages_available() -> bool:
         return False
 
 
-def huge_pages_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """`environ` with `HUGE_PAGES_TUNABLE` added to GLIBC_TUNABLES (the other tunables kept): for a
-    process to start with it."""
+def mesh_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` with `MESH_TUNABLES` added to GLIBC_TUNABLES and `MESH_XLA_FLAGS` to XLA_FLAGS, each
+    unless it already sets that name (what the caller set wins): for a process of several CPU devices."""
     tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
-    if HUGE_PAGES_TUNABLE not in tunables:
-        tunables.append(HUGE_PAGES_TUNABLE)
-    return {**environ, "GLIBC_TUNABLES": ":".join(tunables)}
+    flags = environ.get("XLA_FLAGS", "").split()
+    unset = lambda settings, present: [s for s in settings if s.split("=")[0] not in {p.split("=")[0] for p in present}]
+    return {**environ, "GLIBC_TUNABLES": ":".join(tunables + unset(MESH_TUNABLES, tunables)),
+            "XLA_FLAGS": " ".join(flags + unset(MESH_XLA_FLAGS, flags))}
 
 
-def has_huge_pages() -> bool:
-    """Whether this process started with malloc's transparent huge pages (`HUGE_PAGES_TUNABLE`)."""
-    return HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
+def has_mesh_environment() -> bool:
+    """Whether this process started with `mesh_environment` (its settings' names all set)."""
+    return mesh_environment(os.environ) == {**os.environ}
 
 
-def restart_with_huge_pages() -> None:
-    """Re-execute this program, with the same interpreter arguments, under `huge_pages_environment`,
-    unless it already runs so or huge pages are not available; call it first thing in a program (it
-    replaces the process: nothing it did so far survives)."""
-    if has_huge_pages() or not huge_pages_available():
+def restart_with_mesh_environment() -> None:
+    """Re-execute this program, with the same interpreter arguments, under `mesh_environment`, unless it
+    already runs so or huge pages are not available; call it first thing in a program (it replaces the
+    process: nothing it did so far survives)."""
+    if has_mesh_environment() or not huge_pages_available():
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], huge_pages_environment(os.environ))
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], mesh_environment(os.environ))
 
 
-def uses_huge_pages_by_default(devices_per_process: int) -> bool:
-    """Whether a process with this many devices gains by huge pages: several CPU devices (above)."""
+def uses_mesh_environment_by_default(devices_per_process: int) -> bool:
+    """Whether a process with this many devices gains by `mesh_environment`: several CPU devices (above)."""
     return devices_per_process > 1 and cpu_only() and huge_pages_available()
