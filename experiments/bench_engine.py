@@ -12,7 +12,8 @@ faults per step; BP on (8, 1) at FDBP's per-device batch (global 4x), and FDBP w
 (data-parallel SGD through the FDBP engine: its own overhead); FDBP's stash growth with K; the bytes
 sent between stages per tick; and the speed model's predicted vs measured tick (every stash). Unless
 --system-malloc, it restarts itself with malloc on transparent huge pages kept in its arenas and XLA:CPU
-scheduling for memory (`fdbp_jax.host_memory.mesh_environment`), as fdbp-train does on a simulated mesh. Writes <out>/bench.json.
+scheduling for memory (`fdbp_jax.host_memory.mesh_environment`), as fdbp-train does on a simulated mesh.
+Writes <out>/bench.json.
 The last line printed is the ResNet-20 ratio FDBP (fastest stash) / best BP.
 """
 

@@ -86,9 +86,14 @@ def mesh_environment(environ: Mapping[str, str]) -> dict[str, str]:
     unless it already sets that name (what the caller set wins): for a process of several CPU devices."""
     tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
     flags = environ.get("XLA_FLAGS", "").split()
-    unset = lambda settings, present: [s for s in settings if s.split("=")[0] not in {p.split("=")[0] for p in present}]
-    return {**environ, "GLIBC_TUNABLES": ":".join(tunables + unset(MESH_TUNABLES, tunables)),
-            "XLA_FLAGS": " ".join(flags + unset(MESH_XLA_FLAGS, flags))}
+    return {**environ, "GLIBC_TUNABLES": ":".join(tunables + _not_yet_set(MESH_TUNABLES, tunables)),
+            "XLA_FLAGS": " ".join(flags + _not_yet_set(MESH_XLA_FLAGS, flags))}
+
+
+def _not_yet_set(settings: tuple, present: list) -> list:
+    """The "name=value" `settings` whose names `present` does not set."""
+    names = {setting.split("=")[0] for setting in present}
+    return [setting for setting in settings if setting.split("=")[0] not in names]
 
 
 def has_mesh_environment() -> bool:
