@@ -8,17 +8,18 @@ core with taskset; on a GPU host one process per GPU), joined by jax.distributed
 For one model and global batch it times BP on 1 worker (beside an identical independent twin on the
 other worker's core, so both sides of the ratio see the same machine), data-parallel BP on P workers,
 FDBP K=P with every stash, GPipe and 1F1B K=P with each M: median seconds per global batch after
-warm-up, images/s, speedup over 1 worker, and where the time of a step goes on every process (placing
-the input batch, the host's dispatch of the step, the wait for its devices: compute, collectives and
-waiting for peers; and the process's CPU time per step, which on a pinned worker tells its busy time
-from its idle wait). With P > 1 it also measures the links it uses: a ppermute of one stage message and
-an all-reduce of the largest stage's gradient between the processes. With --check-model it measures
-the speed model's curves on one worker and puts `fdbp_jax.perf`'s prediction of every row beside its
-measurement. With --rounds R it measures every configuration R times, round by round, and gives each
-row's speedup against its own round's 1-worker baseline, then the median and range over the rounds
-(and each algorithm's best configuration per round: FDBP's best stash):
-a machine whose speed drifts over minutes (shared hosts) moves a row and a baseline measured minutes
-apart, not a round's. Writes <out>/workers.json.
+warm-up, images/s, speedup over 1 worker, and where the time of a step goes on every process: placing
+the input batch, the host's dispatch of the step, the wait for its devices (compute, collectives and
+waiting for peers); and over the timed steps, the process's CPU time (on a pinned worker, its busy
+time against its idle wait), its page faults and context switches, and the CPU time of each of its
+threads by name (XLA's compute threads, Python's, the runtime's). With P > 1 it also measures the
+links it uses: a ppermute of one stage message and an all-reduce of the largest stage's gradient
+between the processes. With --check-model it measures the speed model's curves on one worker and puts
+`fdbp_jax.perf`'s prediction of every row beside its measurement. With --rounds R it measures every
+configuration R times, round by round, and gives each row's speedup against its own round's 1-worker
+baseline, then the median and range over the rounds (and each algorithm's best configuration per
+round: FDBP's best stash): a machine whose speed drifts over minutes (shared hosts) moves a row and a
+baseline measured minutes apart, not a round's. Writes <out>/workers.json.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -94,6 +96,54 @@ def keep_memory(settings: dict) -> bool:
             and host_memory.keep_freed_memory())
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + kernel) this process's threads have used, summed by thread name (Linux's
+    /proc/self/task; {} elsewhere): which threads take a pinned worker's core."""
+    totals: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:  # the thread ended
+            continue
+        name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return totals
+
+
+class Usage:
+    """What a worker's timed steps used, summed over them (and nothing of what ran between them): the
+    process's CPU time (user + kernel, all threads; on a worker pinned to one core its step time less
+    this is time the core idled, waiting for the peer or the link), its page faults (fresh memory the
+    kernel zeroes), its context switches, voluntary (a thread blocked: a peer, a lock, the link) and
+    involuntary (preempted: more runnable threads than the core runs), and the CPU time of each thread
+    by name (`thread_cpu`)."""
+
+    COUNTERS = (("minor_faults", "ru_minflt"), ("voluntary_switches", "ru_nvcsw"), ("involuntary_switches", "ru_nivcsw"))
+
+    def __init__(self):
+        self.cpu_s, self.counters, self.threads = 0.0, dict.fromkeys(dict(self.COUNTERS), 0), {}
+
+    @staticmethod
+    def now() -> tuple:
+        times = os.times()
+        return times.user + times.system, resource.getrusage(resource.RUSAGE_SELF), thread_cpu()
+
+    def add(self, before: tuple, after: tuple) -> None:
+        self.cpu_s += after[0] - before[0]
+        for name, field in self.COUNTERS:
+            self.counters[name] += getattr(after[1], field) - getattr(before[1], field)
+        for name, seconds in after[2].items():
+            self.threads[name] = self.threads.get(name, 0.0) + seconds - before[2].get(name, 0.0)
+
+    def per_step(self, steps: int) -> dict:
+        return {"cpu_ms_per_step": 1e3 * self.cpu_s / steps,
+                "kernel_per_step": {name: count / steps for name, count in self.counters.items()},
+                "thread_cpu_ms_per_step": {name: 1e3 * seconds / steps for name, seconds in self.threads.items()
+                                           if seconds > 0}}
+
+
 def run_worker(settings: dict) -> int:
     """One worker: build the configuration through the public API, time its steps, print JSON."""
     kept_memory = keep_memory(settings)
@@ -130,10 +180,10 @@ def run_worker(settings: dict) -> int:
     x_local, y_local = x[rows.start:rows.stop], y[rows.start:rows.stop]
     state = trainer.init(jax.random.key(0), x)
     parts = {"input": [], "dispatch": [], "wait": []}
-    cpu_start = None
+    used = Usage()
     for i in range(settings["warmup"] + settings["steps"]):
-        if i == settings["warmup"]:
-            cpu_start = os.times()
+        timed = i >= settings["warmup"]
+        before = Usage.now()
         start = time.perf_counter()
         batch = trainer.global_batch(B, x_local, y_local)
         placed = time.perf_counter()
@@ -141,16 +191,15 @@ def run_worker(settings: dict) -> int:
         dispatched = time.perf_counter()
         jax.block_until_ready((state, metrics))
         done = time.perf_counter()
-        if i >= settings["warmup"]:
+        if timed:
+            used.add(before, Usage.now())
             for name, seconds in (("input", placed - start), ("dispatch", dispatched - placed), ("wait", done - dispatched)):
                 parts[name].append(seconds)
-    cpu_end = os.times()
     totals = [sum(p) for p in zip(*parts.values())]
-    # CPU time of the process (user + system, all threads) per step: on a worker pinned to one core,
-    # its step time less this is time the core idled, waiting for the peer or the link
-    cpu_ms = 1e3 * ((cpu_end.user - cpu_start.user) + (cpu_end.system - cpu_start.system)) / settings["steps"]
     result = {"process": jax.process_index(), "seconds_per_step": statistics.median(totals),
-              "parts_ms": {name: 1e3 * statistics.median(v) for name, v in parts.items()}, "cpu_ms_per_step": cpu_ms,
+              "parts_ms": {name: 1e3 * statistics.median(v) for name, v in parts.items()},
+              **used.per_step(settings["steps"]),
+              "os_threads": len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else None,
               "boundaries": split.boundaries, "steps": settings["steps"]}
     if P > 1 and settings.get("links"):
         result["links"] = measure_links(trainer, M)
@@ -287,7 +336,8 @@ def measure_round(names: list[str], args, base: dict, round_index: int) -> tuple
                 r["seconds_per_step"] for r in results)
             row = {"name": label, "round": round_index, "algorithm": algorithm, "workers": workers or args.processes,
                    "stash": stash, "microbatches": M, "seconds_per_step": seconds, "images_per_s": args.batch / seconds,
-                   "per_process": [{k: r[k] for k in ("seconds_per_step", "parts_ms", "cpu_ms_per_step")}
+                   "per_process": [{k: r[k] for k in ("seconds_per_step", "parts_ms", "cpu_ms_per_step", "kernel_per_step",
+                                                      "thread_cpu_ms_per_step", "os_threads")}
                                    for r in results],
                    "boundaries": results[0]["boundaries"]}
             if "links" in results[0]:

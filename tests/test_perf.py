@@ -246,3 +246,40 @@ def test_the_stashing_tick_that_costs_times_computes_the_exact_delayed_gradient(
     expected_params = jax.tree.map(lambda p, d: p - 0.1 * d, params, d_params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new_params, expected_params)
     assert len(residuals) == len(args[3])  # the new forward keeps what the old one kept
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads Linux's /proc/self/task")
+def test_bench_workers_charges_cpu_time_to_the_thread_that_used_it():
+    """The per-thread CPU breakdown of a worker's step (which threads take a pinned worker's core): a
+    thread that computes has that CPU time under its own name, one that waits has none."""
+    import ctypes
+    import threading
+    import time
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    from bench_workers import thread_cpu
+
+    spun, release = threading.Event(), threading.Event()
+
+    def named(name: bytes, work):
+        ctypes.CDLL(None).prctl(15, name, 0, 0, 0)  # PR_SET_NAME: the name /proc shows for this thread
+        work()
+        release.wait()
+
+    def spin():
+        deadline = time.thread_time() + 0.3
+        while time.thread_time() < deadline:
+            pass
+        spun.set()
+
+    threads = [threading.Thread(target=named, args=(b"fdbp-spin", spin)),
+               threading.Thread(target=named, args=(b"fdbp-wait", lambda: None))]
+    for thread in threads:
+        thread.start()
+    spun.wait()
+    seconds = thread_cpu()
+    release.set()
+    for thread in threads:
+        thread.join()
+    assert seconds["fdbp-spin"] >= 0.25
+    assert seconds["fdbp-wait"] < 0.05
