@@ -8,7 +8,7 @@ core with taskset; on a GPU host one process per GPU), joined by jax.distributed
 For one model and global batch it times BP on 1 worker (beside an identical independent twin on the
 other worker's core, so both sides of the ratio see the same machine), data-parallel BP on P workers,
 FDBP K=P with every stash, GPipe and 1F1B K=P with each M: median seconds per global batch after
-warm-up, images/s, speedup over 1 worker, and where the time of a step goes on every process: placing
+warm-up (and every timed step's, on every process), images/s, speedup over 1 worker, and where the time of a step goes on every process: placing
 the input batch, the host's dispatch of the step, the wait for its devices (compute, collectives and
 waiting for peers); and over the timed steps, the process's CPU time (on a pinned worker, its busy
 time against its idle wait), its page faults and context switches, and the CPU time of each of its
@@ -198,6 +198,7 @@ def run_worker(settings: dict) -> int:
     totals = [sum(p) for p in zip(*parts.values())]
     result = {"process": jax.process_index(), "seconds_per_step": statistics.median(totals),
               "parts_ms": {name: 1e3 * statistics.median(v) for name, v in parts.items()},
+              "step_ms": [1e3 * seconds for seconds in totals],  # each timed step: outliers against a uniform slowdown
               **used.per_step(settings["steps"]),
               "os_threads": len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else None,
               "boundaries": split.boundaries, "steps": settings["steps"]}
@@ -336,8 +337,8 @@ def measure_round(names: list[str], args, base: dict, round_index: int) -> tuple
                 r["seconds_per_step"] for r in results)
             row = {"name": label, "round": round_index, "algorithm": algorithm, "workers": workers or args.processes,
                    "stash": stash, "microbatches": M, "seconds_per_step": seconds, "images_per_s": args.batch / seconds,
-                   "per_process": [{k: r[k] for k in ("seconds_per_step", "parts_ms", "cpu_ms_per_step", "kernel_per_step",
-                                                      "thread_cpu_ms_per_step", "os_threads")}
+                   "per_process": [{k: r[k] for k in ("seconds_per_step", "step_ms", "parts_ms", "cpu_ms_per_step",
+                                                      "kernel_per_step", "thread_cpu_ms_per_step", "os_threads")}
                                    for r in results],
                    "boundaries": results[0]["boundaries"]}
             if "links" in results[0]:
