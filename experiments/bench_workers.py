@@ -7,19 +7,19 @@ core with taskset; on a GPU host one process per GPU), joined by jax.distributed
 
 For one model and global batch it times BP on 1 worker (beside an identical independent twin on the
 other worker's core, so both sides of the ratio see the same machine), data-parallel BP on P workers,
-FDBP K=P with every stash, GPipe and 1F1B K=P with each M: median seconds per global batch after
-warm-up (and every timed step's, on every process), images/s, speedup over 1 worker, and where the time of a step goes on every process: placing
-the input batch, the host's dispatch of the step, the wait for its devices (compute, collectives and
-waiting for peers); and over the timed steps, the process's CPU time (on a pinned worker, its busy
-time against its idle wait), its page faults and context switches, and the CPU time of each of its
-threads by name (XLA's compute threads, Python's, the runtime's). With P > 1 it also measures the
-links it uses: a ppermute of one stage message and an all-reduce of the largest stage's gradient
-between the processes. With --check-model it measures the speed model's curves on one worker and puts
-`fdbp_jax.perf`'s prediction of every row beside its measurement. With --rounds R it measures every
-configuration R times, round by round, and gives each row's speedup against its own round's 1-worker
-baseline, then the median and range over the rounds (and each algorithm's best configuration per
-round: FDBP's best stash): a machine whose speed drifts over minutes (shared hosts) moves a row and a
-baseline measured minutes apart, not a round's. Writes <out>/workers.json.
+FDBP K=P with every stash, GPipe and 1F1B K=P with each M: median seconds per global batch after warm-up
+(and every timed step's, on every process), images/s, speedup over 1 worker, and where the time of a
+step goes on every process: placing the input batch, the host's dispatch of the step, the wait for its
+devices (compute, collectives and waiting for peers); and over the timed steps, the process's CPU time
+(on a pinned worker, its busy time against its idle wait), its page faults and context switches, and the
+CPU time of each of its threads by name (XLA's compute threads, Python's, the runtime's). With P > 1 it
+also measures the links it uses: a ppermute of one stage message and an all-reduce of the largest
+stage's gradient between the processes. With --check-model it measures the speed model's curves on one
+worker and puts `fdbp_jax.perf`'s prediction of every row beside its measurement. With --rounds R it
+measures every configuration R times, round by round, and gives each row's speedup against its own
+round's 1-worker baseline, then the median and range over the rounds (and each algorithm's best
+configuration per round: FDBP's best stash): a machine whose speed drifts over minutes (shared hosts)
+moves a row and a baseline measured minutes apart, not a round's. Writes <out>/workers.json.
 """
 
 from __future__ import annotations
