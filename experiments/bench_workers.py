@@ -120,7 +120,8 @@ class Usage:
     involuntary (preempted: more runnable threads than the core runs), and the CPU time of each thread
     by name (`thread_cpu`)."""
 
-    COUNTERS = (("minor_faults", "ru_minflt"), ("voluntary_switches", "ru_nvcsw"), ("involuntary_switches", "ru_nivcsw"))
+    COUNTERS = (("minor_faults", "ru_minflt"), ("voluntary_switches", "ru_nvcsw"),
+                ("involuntary_switches", "ru_nivcsw"))
 
     def __init__(self):
         self.cpu_s, self.counters, self.threads = 0.0, dict.fromkeys(dict(self.COUNTERS), 0), {}
