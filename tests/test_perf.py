@@ -1,5 +1,6 @@
 """The speed model: reading measured curves, and its arithmetic on numbers small enough to check by hand."""
 
+import importlib
 import json
 import os
 import sys
@@ -13,6 +14,14 @@ from fdbp_jax.engines import pipeline_timetable
 LINK = perf.Link(bandwidth=100.0, latency=1.0)
 # two stages, tick work linear at 3 s/example; 10 activation bytes/example; 100 param bytes
 STAGES = [perf.StageCost(perf.Curve.linear(3.0), 10.0, 100.0), perf.StageCost(perf.Curve.linear(3.0), 10.0, 100.0)]
+
+
+def bench_workers():
+    """experiments/bench_workers.py as a module (the experiments folder is not a package)."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module("bench_workers")
 
 
 def test_link():
@@ -130,8 +139,7 @@ def test_ticks_to_accuracy():
 def test_link_fitted_to_the_measured_links_reproduces_them():
     """experiments/bench_workers.py's model check fits a Link through a measured ppermute and a 2-process
     all-reduce; the speed model must then predict both measurements back."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-    from bench_workers import fitted_link
+    fitted_link = bench_workers().fitted_link
 
     links = {"message_bytes": 8388608, "ppermute_s": 0.00495, "gradient_bytes": 1039656, "all_reduce_s": 0.0040}
     link = fitted_link(links)
@@ -143,8 +151,7 @@ def test_link_fitted_to_the_measured_links_reproduces_them():
 def test_bench_workers_gives_each_round_its_own_baseline():
     """With --rounds, a row's speedup is against the 1-worker baseline of its own round (the machine may
     drift between rounds), then the median and range over the rounds."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-    from bench_workers import over_rounds
+    over_rounds = bench_workers().over_rounds
 
     rows = [{"name": name, "round": r, "seconds_per_step": s, "speedup_vs_1_worker": speedup, "boundaries": cut}
             for name, r, s, speedup, cut in [("bp1", 0, 1.0, 1.0, []), ("fdbp", 0, 0.5, 2.0, [7]),
@@ -159,8 +166,7 @@ def test_bench_workers_gives_each_round_its_own_baseline():
 def test_bench_workers_reads_each_algorithms_best_configuration_per_round():
     """FDBP "with the best stash" is, in each round, its fastest stash against that round's baseline;
     the 1-worker rows are not an algorithm's configuration."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-    from bench_workers import best_per_round
+    best_per_round = bench_workers().best_per_round
 
     rows = [{"name": name, "algorithm": name.split("-")[0], "workers": 1 if name == "bp1" else 2, "round": r,
              "speedup_vs_1_worker": speedup}
@@ -256,8 +262,7 @@ def test_bench_workers_charges_cpu_time_to_the_thread_that_used_it():
     import threading
     import time
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-    from bench_workers import thread_cpu
+    thread_cpu = bench_workers().thread_cpu
 
     spun, release = threading.Event(), threading.Event()
 
