@@ -96,14 +96,22 @@ def keep_memory(settings: dict) -> bool:
             and host_memory.keep_freed_memory())
 
 
+TASKS = "/proc/self/task"  # Linux: one folder per thread of this process
+
+
+def thread_ids() -> list[str]:
+    """This process's threads (Linux's `TASKS`; [] elsewhere)."""
+    return os.listdir(TASKS) if os.path.isdir(TASKS) else []
+
+
 def thread_cpu() -> dict[str, float]:
-    """CPU seconds (user + kernel) this process's threads have used, summed by thread name (Linux's
-    /proc/self/task; {} elsewhere): which threads take a pinned worker's core."""
+    """CPU seconds (user + kernel) this process's threads have used, summed by thread name (`thread_ids`;
+    {} elsewhere): which threads take a pinned worker's core."""
     totals: dict[str, float] = {}
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
+    for tid in thread_ids():
         try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
+            with open(f"{TASKS}/{tid}/stat") as f:
                 stat = f.read()
         except OSError:  # the thread ended
             continue
@@ -184,7 +192,7 @@ def run_worker(settings: dict) -> int:
     used = Usage()
     for i in range(settings["warmup"] + settings["steps"]):
         timed = i >= settings["warmup"]
-        before = Usage.now()
+        before = Usage.now() if timed else None  # warm-up steps are not counted: no /proc reads for them
         start = time.perf_counter()
         batch = trainer.global_batch(B, x_local, y_local)
         placed = time.perf_counter()
@@ -201,7 +209,7 @@ def run_worker(settings: dict) -> int:
               "parts_ms": {name: 1e3 * statistics.median(v) for name, v in parts.items()},
               "step_ms": [1e3 * seconds for seconds in totals],  # each timed step: outliers against a uniform slowdown
               **used.per_step(settings["steps"]),
-              "os_threads": len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else None,
+              "os_threads": len(thread_ids()) or None,
               "boundaries": split.boundaries, "steps": settings["steps"]}
     if P > 1 and settings.get("links"):
         result["links"] = measure_links(trainer, M)
