@@ -101,7 +101,6 @@ def engine_memory(trainer, state, compiled: dict) -> dict:
         "optimizer_state": per_device_bytes(state.opt_state),
         "model_state": per_device_bytes(state.model_state),
         "stash": per_device_bytes((state.stash, state.stash_params, state.stash_model_state)),
-        "stash_due_rows": per_device_bytes((state.due_stash, state.due_params, state.due_model_state)),
         "messages": per_device_bytes((state.messages, state.label_msg)),
         "temporaries": compiled["temp"],
         "bytes_sent_per_tick_per_device": (len(state.messages) * local_batch * plan.message_width

@@ -127,12 +127,14 @@ def test_auto_stash_takes_the_fastest_mode_whose_rings_fit(monkeypatch):
         fj.Trainer(toy.conv_stages(4), toy.cross_entropy, optax.sgd(0.1), stash="fastest")
 
 
-@pytest.mark.parametrize("stash", ["recompute", "residuals"])
-def test_the_compiled_tick_writes_the_stash_rings_in_place(stash):
-    """Each tick writes one row of every stash ring: the compiled tick must not copy a whole ring (a
-    bounds-checked scatter, or a slice of the ring's block, made XLA copy each ring several times a tick)."""
+@pytest.mark.parametrize("stash, num_stages", [("recompute", 4), ("residuals", 4), ("selective", 2), ("recompute", 2)])
+def test_the_compiled_tick_writes_the_stash_rings_in_place(stash, num_stages):
+    """Each tick reads one row of every stash ring and writes another: the compiled tick must not copy a
+    whole ring (a bounds-checked scatter, a slice of the ring's block, a write free to run before the
+    read, or, with K=2, a stage switch of one branch inlined beside the write made XLA copy the rings)."""
     xs, ys = toy.batches(1, batch=16)
-    trainer = fj.Trainer(toy.conv_stages(4, True), toy.cross_entropy, optax.sgd(0.1), mesh=fj.make_mesh(2, 4), stash=stash)
+    trainer = fj.Trainer(toy.conv_stages(num_stages, True), toy.cross_entropy, optax.sgd(0.1),
+                         mesh=fj.make_mesh(8 // num_stages, num_stages), stash=stash)
     state = trainer.init(jax.random.key(0), xs[0])
     rings = jax.tree.leaves((state.stash, state.stash_params, state.stash_model_state))
     shapes = {",".join(map(str, ring.addressable_shards[0].data.shape)) for ring in rings}

@@ -73,11 +73,6 @@ class EngineState:
     stash: tuple  # per slot (`SlotLayout`), (K, N, D, W_j): per replica, each in-flight forward's residuals or input
     stash_params: dict  # "recompute" only, dtype -> (K, D, P): weights each in-flight forward used
     stash_model_state: dict  # "recompute" only, dtype -> (K, D, M)
-    # the stash rows the next tick's backward uses, read after this tick's write: a tick that read
-    # and wrote the same ring would make XLA copy the whole ring (twice, measured on CPU)
-    due_stash: tuple  # per slot, (K, N, W_j)
-    due_params: dict  # "recompute" only, dtype -> (K, P)
-    due_model_state: dict  # "recompute" only, dtype -> (K, M)
     # per link phase (`_link_swap`), (K, N, b, A): what stage k's partner on that phase's link sent it
     # last tick, the activation from k-1 or the input-gradient from k+1
     messages: tuple
@@ -119,6 +114,11 @@ def forward_with_pullback(stage: Stage, stash: str, params, model_state, x, key:
     return jax.vjp(run, params, x, has_aux=True)
 
 
+def never_run(branch, *operands):
+    """Zeros shaped as `branch(*operands)`: a conditional's branch that is never taken."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(branch, *operands))
+
+
 class Inbox(NamedTuple):
     """The messages arriving at a stage device this tick: (b, A) rows per link phase, and the labels."""
 
@@ -134,12 +134,37 @@ class Weights(NamedTuple):
     opt_state: dict
 
 
-class Due(NamedTuple):
-    """What a tick's delayed backward uses of the stash (one replica), read after the previous tick's write."""
+class Rings(NamedTuple):
+    """A device's stash rings (local blocks) and the row its delayed backward reads this tick. The stage's
+    branch reads that row, and the tick's own row is written after the branch, from its outputs: with
+    the write depending on the read, XLA copies neither the row nor the ring."""
 
-    due_entry: tuple  # per slot, (W_j,)
-    due_params: dict  # "recompute" only, dtype -> (P,)
-    due_model_state: dict
+    stash: tuple  # per slot, (1, 1, D, W_j)
+    params: dict  # "recompute" only, dtype -> (1, D, P)
+    model_state: dict  # "recompute" only, dtype -> (1, D, M)
+    due_slot: jax.Array
+
+    def due_entry(self) -> tuple:
+        return tuple(read_row(ring, self.due_slot)[0, 0] for ring in self.stash)
+
+    def due_weights(self, tree: dict) -> dict:
+        return {d: read_row(ring, self.due_slot)[0] for d, ring in tree.items()}
+
+    def written(self, slot: jax.Array, row: "Row") -> "Rings":
+        """The rings with depth row `slot` set to `row`."""
+        write = lambda rings, rows: jax.tree.map(partial(write_row, slot=slot), rings, rows)
+        return self._replace(stash=write(self.stash, row.entry), params=write(self.params, row.params),
+                             model_state=write(self.model_state, row.model_state))
+
+
+class Row(NamedTuple):
+    """What a stashing stage keeps of this tick's forward (one replica), packed: its residuals or input,
+    and ("recompute") the weights it ran with. Returned by the stage's branch, so that writing it follows
+    the branch's read of the due row."""
+
+    entry: tuple  # per slot, (W_j,)
+    params: dict  # "recompute" only, dtype -> (P,)
+    model_state: dict  # "recompute" only, dtype -> (M,)
 
 
 class MeshEngine(StagedMeshEngine):
@@ -196,16 +221,12 @@ class MeshEngine(StagedMeshEngine):
             "stash_params": self._weight_stash(packed_params, D),
             "stash_model_state": self._weight_stash(packed_state, D),
         }
-        due_row = lambda ring: jax.tree.map(lambda a: np.zeros_like(a[..., 0, :]), ring)  # the depth axis dropped
         state = EngineState(
             tick=np.zeros((), np.int32),
             params=packed_params,
             model_state=packed_state,
             opt_state=packed_opt,
             **rings,
-            due_stash=due_row(rings["stash"]),
-            due_params=due_row(rings["stash_params"]),
-            due_model_state=due_row(rings["stash_model_state"]),
             messages=tuple(message() for _ in range(_link_swap.link_phases(K))),
             label_msg=np.zeros((K, N, *label.shape), label.dtype),
         )
@@ -250,9 +271,6 @@ class MeshEngine(StagedMeshEngine):
             stash=jax.tree.map(lambda _: STAGE_DATA, state.stash),
             stash_params=per_stage(state.stash_params),
             stash_model_state=per_stage(state.stash_model_state),
-            due_stash=jax.tree.map(lambda _: STAGE_DATA, state.due_stash),
-            due_params=per_stage(state.due_params),
-            due_model_state=per_stage(state.due_model_state),
             messages=tuple(STAGE_DATA for _ in state.messages),
             label_msg=STAGE_DATA,
         )
@@ -263,46 +281,40 @@ class MeshEngine(StagedMeshEngine):
         K, t = self.num_stages, state.tick
         stage_index = jax.lax.axis_index("stage")
         params, model_state, opt_state = local_block((state.params, state.model_state, state.opt_state))
-        due_params, due_state = local_block((state.due_params, state.due_model_state))
-        local_replica = lambda tree: jax.tree.map(lambda a: a[0, 0], tree)
 
         depth = stage_table([schedule.stash_depth(k, K) for k in range(K)], stage_index)
         delay = stage_table([schedule.stage_delay(k, K) for k in range(K)], stage_index)
-        slot, due_slot = t % depth, (t + 1 - delay) % depth  # this tick's forward; the next tick's backward
+        slot, due_slot = t % depth, (t - delay) % depth  # this tick's forward; this tick's backward's
         work = [partial(self._stage_work, k) for k in range(K)]
         operands = (t, jax.lax.axis_index("data"), Weights(params, model_state, opt_state), x, y,
-                    Inbox(tuple(m[0, 0] for m in state.messages), state.label_msg[0, 0]),
-                    Due(local_replica(state.due_stash), due_params, due_state))
-        due = lambda ring: jax.tree.map(partial(read_row, slot=due_slot), ring)
+                    Inbox(tuple(m[0, 0] for m in state.messages), state.label_msg[0, 0]))
+        rings = Rings(state.stash, state.stash_params, state.stash_model_state, due_slot)
 
-        def stashing(ring, operands):  # a stage k < K-1: its work, then its entry into its ring
-            *outputs, entry = stage_switch(self.mesh, work[:-1])(stage_index, *operands)
-            return (*outputs, jax.tree.map(partial(write_row, slot=slot), ring, entry))
+        def stashing(rings, operands):  # a stage k < K-1: its work, then its row of every ring
+            branches = work[:-1]
+            if len(branches) == 1:  # a switch of one branch is inlined, which puts its due-row reads beside
+                # the ring's write, and XLA then copies the ring (measured: K=2); a second branch, never
+                # taken, keeps the stage's work in a conditional of its own
+                branches = [*branches, partial(never_run, branches[0])]
+            *outputs, row = stage_switch(self.mesh, branches)(stage_index, *operands, rings)
+            return (*outputs, rings.written(slot, row))
 
         # the last stage stashes nothing: it builds no entry (one padded to the others' slots would be
         # zero-filled each tick: 50 MB on 2 real workers, ResNet-20 K=2 selective) and skips the ring's
-        # write and read (measured there: 2-6 ms a tick, the last stage being the slower one). The rows
-        # are read in a conditional of their own: read in the one above, XLA copied them twice a tick.
-        def last(ring, operands):
-            *outputs, _ = stage_switch(self.mesh, work[-1:])(0, *operands)
-            return (*outputs, ring)
+        # write and read (measured there: 2-6 ms a tick, the last stage being the slower one).
+        def last(rings, operands):
+            *outputs, _ = stage_switch(self.mesh, work[-1:])(0, *operands, None)
+            return (*outputs, rings)
 
         stashes = stage_index < K - 1
-        outbox, labels_out, forward_params, grads, fwd_state, loss, stash_ring = (
-            jax.lax.cond(stashes, stashing, last, state.stash, operands) if K > 1 else last(state.stash, operands))
-        due_stash = jax.lax.cond(stashes, lambda ring, due_row: due(ring), lambda ring, due_row: due_row,
-                                 stash_ring, state.due_stash)
+        outbox, labels_out, grads, fwd_state, loss, rings = (
+            jax.lax.cond(stashes, stashing, last, rings, operands) if K > 1 else last(rings, operands))
         (grads, loss), fwd_state = mean_over("data", (grads, loss), fwd_state)
 
         new_params, new_opt_state, new_model_state, nonfinite = finish_stage(
             stage_update(self.packed, self.optimizers, stage_index), params, opt_state, model_state, grads, fwd_state, schedule.has_forward(t, stage_index),
             schedule.has_gradient(t, stage_index, K), self.skip_nonfinite,
         )
-        rings = {"stash": stash_ring, "stash_params": state.stash_params, "stash_model_state": state.stash_model_state}
-        if self.stash == "recompute":
-            stashed_params = forward_params if self.correction.moves_forward_weights else params
-            rings["stash_params"] = jax.tree.map(partial(write_row, slot=slot), rings["stash_params"], stashed_params)
-            rings["stash_model_state"] = jax.tree.map(partial(write_row, slot=slot), rings["stash_model_state"], model_state)
         forward_pairs = [(k, k + 1) for k in range(K - 1)]
         new_state = with_stage_axis(EngineState(  # every per-stage leaf gets back its local "stage" axis
             tick=None,
@@ -312,36 +324,32 @@ class MeshEngine(StagedMeshEngine):
             stash=None,
             stash_params=None,
             stash_model_state=None,
-            due_stash=None,
-            due_params=None,
-            due_model_state=None,
             messages=tuple(m[None] for m in _link_swap.swap(outbox, K)),
             # one stage sends no labels (an empty ppermute still makes XLA:CPU's devices meet)
             label_msg=(jax.lax.ppermute(labels_out, "stage", forward_pairs) if forward_pairs
                        else jnp.zeros_like(labels_out))[None],
-        )).replace(  # the rings and their due rows keep the local block shapes they arrived in
-            tick=t + 1, **rings, due_stash=due_stash, due_params=due(rings["stash_params"]),
-            due_model_state=due(rings["stash_model_state"]),
+        )).replace(  # the rings keep the local block shapes they arrived in
+            tick=t + 1, stash=rings.stash, stash_params=rings.params, stash_model_state=rings.model_state,
         )
         loss, nonfinite = stage_metrics(loss, nonfinite, K)
         return new_state, jnp.where(schedule.loss_is_valid(t, K), loss, jnp.nan), nonfinite, t
 
-    def _stage_work(self, k, t, replica, weights: "Weights", x, y, inbox: "Inbox", stashed: "Due"):
-        """Stage k's forward and its gradient at tick t (one replica, `StageTick`), the weights that
-        forward ran with, and last what it stashes of that forward (None for the last stage), packed
-        (written into the rings outside the stage switch, where XLA writes in place: the ring as an
-        operand of the switch was copied); outputs padded to common shapes."""
+    def _stage_work(self, k, t, replica, weights: "Weights", x, y, inbox: "Inbox", rings: "Rings | None"):
+        """Stage k's forward and its gradient at tick t (one replica, `StageTick`), and last the `Row` it
+        stashes of that forward (None for the last stage), written into the rings outside the stage
+        switch, where XLA writes in place (a ring written inside the switch was copied); outputs padded
+        to common shapes. The backward reads its due row of `rings` here, before that write."""
         packed, work = self.packed, self.stage_ticks[k]
         params, model_state = packed.params(k, weights.params), packed.model_state(k, weights.model_state)
         activation_in, gradient_in = _link_swap.inbox(k, self.num_stages, inbox.messages)
         x_in = x if k == 0 else packed.from_message(activation_in, k)
         labels = y if k == 0 else inbox.labels
         no_message = packed.no_message(x_in.shape[0])
-        forward_params = weights.params if self.correction.moves_forward_weights else {}  # {}: the params, outside
         if work.is_last:  # delay 0: loss and gradients at once, nothing to stash
             loss, fwd_state, grads, input_grad = work.last(t, replica, params, model_state, x_in, labels)
-            outputs, labels_out, entry = None, jnp.zeros_like(labels), None
+            outputs, labels_out, row = None, jnp.zeros_like(labels), None
         else:
+            forward_params = weights.params
             if self.correction.moves_forward_weights:
                 params = work.forward_params(params, packed.opt_layouts[k].unpack(weights.opt_state))
                 forward_params = packed.pack_params(k, params)
@@ -354,23 +362,27 @@ class MeshEngine(StagedMeshEngine):
                 entry = self.stash_slots.pack(k, leaves)
                 # the pullback of the forward this stage ran stage_delay ticks ago, from its residuals
                 output_grad = work.output_grad(packed.from_message(gradient_in, k + 1))
-                cotangents = jax.tree.unflatten(treedef, self.stash_slots.unpack(k, stashed.due_entry))(output_grad)
+                cotangents = jax.tree.unflatten(treedef, self.stash_slots.unpack(k, rings.due_entry()))(output_grad)
                 grads, input_grad = cotangents if k > 0 else (cotangents[0], None)
             else:
                 outputs, fwd_state = work.forward(t, replica, params, model_state, x_in)
                 entry = self.stash_slots.pack(k, [x_in])
-                (used_input,) = self.stash_slots.unpack(k, stashed.due_entry)
-                due = Stashed(packed.params(k, stashed.due_params), packed.model_state(k, stashed.due_model_state),
-                              used_input)
+                (used_input,) = self.stash_slots.unpack(k, rings.due_entry())
+                due = Stashed(packed.params(k, rings.due_weights(rings.params)),
+                              packed.model_state(k, rings.due_weights(rings.model_state)), used_input)
                 grads, input_grad = work.backward(t, replica, due, packed.from_message(gradient_in, k + 1))
+            recompute = self.stash == "recompute"
+            # the barrier keeps the weights an output of this branch (not forwarded around it), so their
+            # write waits for the branch's read of the due rows and XLA need not copy their rings
+            row = Row(*jax.lax.optimization_barrier(
+                (entry, forward_params if recompute else {}, weights.model_state if recompute else {})))
             labels_out, loss = labels, 0.0
         message = lambda h: no_message if h is None else packed.to_message(h)
         return (
             _link_swap.outbox(k, self.num_stages, message(outputs), message(input_grad), no_message),
             labels_out,
-            forward_params,
             packed.pack_params(k, grads),
             packed.pack_model_state(k, fwd_state),
             jnp.asarray(loss, jnp.float32),
-            entry,
+            row,
         )
