@@ -27,8 +27,9 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", UNRE
 # (`engines/_link_swap.py`) instead of an activation and a gradient message; 3 since the stash rings
 # are one array per slot (`engines._flat.SlotLayout`) and the input pipeline draws each epoch's order
 # and each batch's augmentation at the batch level (`input_pipeline.py`: an older checkpoint's data
-# iterator would not continue the stream it started)
-STATE_FORMAT = 3
+# iterator would not continue the stream it started); 4 since the FDBP mesh reads each backward's row
+# straight from its stash ring and keeps no due rows (`engines/fdbp_mesh.py`)
+STATE_FORMAT = 4
 
 
 class Checkpoints:

@@ -310,7 +310,7 @@ def test_a_checkpoint_of_an_older_state_format_is_named_and_kept(finished_run, t
             rewritten += 1
     assert rewritten == 2
     with pytest.raises(ValueError, match=r"checkpoint 4 .* holds state format 1, written by an older "
-                                         r"fdbp_jax; this one reads format 3"):
+                                         rf"fdbp_jax; this one reads format {checkpoint.STATE_FORMAT}"):
         train.train_and_evaluate(Config(**TINY, epochs=2, lr=0.05), str(run), resume=True,
                                  datasets=(tiny(32), tiny(32, 1)), show_progress=False)
     assert sorted(os.listdir(run / "checkpoints"), key=int) == ["2", "4"]
