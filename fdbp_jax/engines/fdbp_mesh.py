@@ -136,19 +136,18 @@ class Weights(NamedTuple):
 
 class Rings(NamedTuple):
     """A device's stash rings (local blocks) and the row its delayed backward reads this tick. The stage's
-    branch reads that row, and the tick's own row is written after the branch, from its outputs: with
-    the write depending on the read, XLA copies neither the row nor the ring."""
+    branch reads that row from the rings, and the tick's own row is written after the branch, from its
+    outputs: with the write depending on the read, XLA copies no ring and no due row is kept in state."""
 
     stash: tuple  # per slot, (1, 1, D, W_j)
     params: dict  # "recompute" only, dtype -> (1, D, P)
     model_state: dict  # "recompute" only, dtype -> (1, D, M)
     due_slot: jax.Array
 
-    def due_entry(self) -> tuple:
-        return tuple(read_row(ring, self.due_slot)[0, 0] for ring in self.stash)
-
-    def due_weights(self, tree: dict) -> dict:
-        return {d: read_row(ring, self.due_slot)[0] for d, ring in tree.items()}
+    def due_row(self) -> "Row":
+        """The row this tick's delayed backward uses (one replica)."""
+        read = lambda rings, local: jax.tree.map(lambda ring: read_row(ring, self.due_slot)[local], rings)
+        return Row(read(self.stash, (0, 0)), read(self.params, 0), read(self.model_state, 0))
 
     def written(self, slot: jax.Array, row: "Row") -> "Rings":
         """The rings with depth row `slot` set to `row`."""
@@ -158,9 +157,8 @@ class Rings(NamedTuple):
 
 
 class Row(NamedTuple):
-    """What a stashing stage keeps of this tick's forward (one replica), packed: its residuals or input,
-    and ("recompute") the weights it ran with. Returned by the stage's branch, so that writing it follows
-    the branch's read of the due row."""
+    """What a stashing stage keeps of one forward (one replica), packed: its residuals or input, and
+    ("recompute") the weights it ran with."""
 
     entry: tuple  # per slot, (W_j,)
     params: dict  # "recompute" only, dtype -> (P,)
@@ -362,14 +360,14 @@ class MeshEngine(StagedMeshEngine):
                 entry = self.stash_slots.pack(k, leaves)
                 # the pullback of the forward this stage ran stage_delay ticks ago, from its residuals
                 output_grad = work.output_grad(packed.from_message(gradient_in, k + 1))
-                cotangents = jax.tree.unflatten(treedef, self.stash_slots.unpack(k, rings.due_entry()))(output_grad)
+                cotangents = jax.tree.unflatten(treedef, self.stash_slots.unpack(k, rings.due_row().entry))(output_grad)
                 grads, input_grad = cotangents if k > 0 else (cotangents[0], None)
             else:
                 outputs, fwd_state = work.forward(t, replica, params, model_state, x_in)
                 entry = self.stash_slots.pack(k, [x_in])
-                (used_input,) = self.stash_slots.unpack(k, rings.due_entry())
-                due = Stashed(packed.params(k, rings.due_weights(rings.params)),
-                              packed.model_state(k, rings.due_weights(rings.model_state)), used_input)
+                due_row = rings.due_row()
+                (used_input,) = self.stash_slots.unpack(k, due_row.entry)
+                due = Stashed(packed.params(k, due_row.params), packed.model_state(k, due_row.model_state), used_input)
                 grads, input_grad = work.backward(t, replica, due, packed.from_message(gradient_in, k + 1))
             recompute = self.stash == "recompute"
             # the barrier keeps the weights an output of this branch (not forwarded around it), so their
