@@ -5,8 +5,8 @@
 For each model and K (N = 1, global batch 128, the CLI's cost-balanced split and SGD) on K simulated
 CPU devices: the per-device bytes of the compiled tick (`memory_analysis`: arguments + outputs +
 temporaries - donated, the largest device's) and of the state's stash rings. Only compiles: nothing
-is trained, so it runs in minutes on a laptop. The stash holds stage_delay(0, K) + 1 = 2K - 1 forwards
-on stage 0, so it grows with K while each stage's weights and activations shrink. Writes
+is trained, so it runs in minutes on a laptop. The stash holds stage_delay(0, K) = 2(K - 1) forwards
+on stage 0 (2K - 1 before 2026-12-07), so it grows with K while each stage's weights and activations shrink. Writes
 <out>/deep-memory.json with provenance and prints a table. On simulated devices this host holds
 every device's state: a stash of G per device needs K x G of host memory (the selective stash of the
 ViT at K = 16, ~2 GiB per device, did not fit 24 GiB).

@@ -28,8 +28,9 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", UNRE
 # are one array per slot (`engines._flat.SlotLayout`) and the input pipeline draws each epoch's order
 # and each batch's augmentation at the batch level (`input_pipeline.py`: an older checkpoint's data
 # iterator would not continue the stream it started); 4 since the FDBP mesh reads each backward's row
-# straight from its stash ring and keeps no due rows (`engines/fdbp_mesh.py`)
-STATE_FORMAT = 4
+# straight from its stash ring and keeps no due rows (`engines/fdbp_mesh.py`); 5 since a stash ring holds
+# stage_delay rows, not one more (`schedule.stash_depth`)
+STATE_FORMAT = 5
 
 
 class Checkpoints:

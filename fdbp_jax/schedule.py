@@ -13,8 +13,9 @@ def stage_delay(k: int, num_stages: int) -> int:
 
 
 def stash_depth(k: int, num_stages: int) -> int:
-    """Forwards stage k keeps in flight (its ring buffer length): the delay plus the current one."""
-    return stage_delay(k, num_stages) + 1
+    """Forwards stage k keeps (its ring buffer length): the delay. Its backward at tick t reads the row of
+    tick t - delay, the ring's oldest, before tick t's forward is written over it; the last stage keeps none."""
+    return stage_delay(k, num_stages)
 
 
 def forward_batch(tick, k: int):
@@ -33,8 +34,9 @@ def first_update_tick(k: int, num_stages: int) -> int:
 
 
 def stash_slot(tick, k: int, num_stages: int):
-    """Ring-buffer slot of the forward stage k ran at `tick`; the backward reads it back
-    `stage_delay` ticks later, when the slot is ``stash_slot(tick - stage_delay(k, K), k, K)``."""
+    """Ring-buffer slot of the forward stage k < K-1 ran at `tick`; the backward reads it back
+    `stage_delay` ticks later, from ``stash_slot(tick - stage_delay(k, K), k, K)``: the slot that tick's
+    own forward then takes, so the read comes first."""
     return tick % stash_depth(k, num_stages)
 
 

@@ -15,17 +15,19 @@ from fdbp_jax import schedule
 def test_delay_arithmetic():
     K = 4
     assert [fj.stage_delay(k, K) for k in range(K)] == [6, 4, 2, 0]
-    assert [fj.stash_depth(k, K) for k in range(K)] == [7, 5, 3, 1]
+    assert [fj.stash_depth(k, K) for k in range(K)] == [6, 4, 2, 0]
     assert [fj.first_update_tick(k, K) for k in range(K)] == [6, 5, 4, 3]
     # K=3 timing table of the design notes: at tick 5 stage 0 runs F5 and B1, stage 2 runs F3 and B3
     assert [schedule.forward_batch(5, k) for k in range(3)] == [5, 4, 3]
     assert [schedule.backward_batch(5, k, 3) for k in range(3)] == [1, 2, 3]
-    # the backward reads the slot its forward wrote, and no slot is overwritten while in flight
+    # the backward at tick t reads the slot its forward wrote at t - delay, which tick t's forward takes
+    # next (read first); no other forward in flight shares a slot
     for k in range(K - 1):
         for t in range(20):
             delay = fj.stage_delay(k, K)
-            in_flight = {schedule.stash_slot(t - d, k, K) for d in range(delay + 1)}
-            assert len(in_flight) == delay + 1
+            assert schedule.stash_slot(t - delay, k, K) == schedule.stash_slot(t, k, K)
+            in_flight = {schedule.stash_slot(t - d, k, K) for d in range(delay)}
+            assert len(in_flight) == delay
 
 
 def scalar_pipeline(mesh):

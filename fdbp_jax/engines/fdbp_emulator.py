@@ -4,7 +4,8 @@ stage's part of the tick is `fdbp_stage.StageTick`. The mesh engine must match i
 
 Tick t, stage k (the contract):
   forward   batch forward_batch(t, k) with the current weights (or those the correction gives); stash
-            (input, those weights) in slot stash_slot(t, k, K); send the activation (and labels) to
+            (input, those weights) in slot stash_slot(t, k, K), once the backward below has read what
+            that slot held (the forward of stage_delay(k, K) ticks ago); send the activation (and labels) to
             stage k+1 for tick t+1.
   last      stage K-1 computes loss and gradients at once and sends the input-gradient back.
   backward  stage k < K-1 takes the input-gradient stage k+1 sent at tick t-1, scales it by the
@@ -119,13 +120,14 @@ class Emulator(SingleDeviceEngine):
                     weights, model_state, x_in, replicas
                 )
                 act_msgs[k], label_msgs[k] = outputs, labels
-                slot = schedule.stash_slot(t, k, K)
+                # the backward's forward is read before this tick's is written: both take the same slot
                 back_slot = schedule.stash_slot(t - work.delay, k, K)
+                stashed = Stashed(*jax.tree.map(lambda r: r[back_slot], (state.stash_params[k], state.stash_model_state[k])),
+                                  state.stash_inputs[k][back_slot])
+                slot = schedule.stash_slot(t, k, K)
                 stash_inputs = state.stash_inputs[k].at[slot].set(x_in)
                 stash_params = jax.tree.map(lambda r, a: r.at[slot].set(a), state.stash_params[k], weights)
                 stash_state = jax.tree.map(lambda r, a: r.at[slot].set(a), state.stash_model_state[k], model_state)
-                stashed = Stashed(*jax.tree.map(lambda r: r[back_slot], (stash_params, stash_state)),
-                                  stash_inputs[back_slot])
                 grads, input_grads = jax.vmap(partial(work.backward, t), in_axes=(0, Stashed(None, None, 0), 0))(
                     replicas, stashed, state.grad_msgs[k]
                 )

@@ -200,7 +200,7 @@ class MeshEngine(StagedMeshEngine):
         params, model_state = zip(*(split_variables(v) for v in variables))
         opt_state = [o.init(p) for o, p in zip(self.optimizers, params)]
         self.packed = packed = PackedStages.build(params, model_state, opt_state, shapes)
-        b, D = shapes[0].shape[0], schedule.stash_depth(0, K)
+        b, D = shapes[0].shape[0], max(1, schedule.stash_depth(0, K))  # one row (unused) with K = 1: no empty arrays
         packed_params, packed_state, packed_opt = packed.stack(params, model_state, opt_state)
         layout = cache(lambda stash: self._stash_layout(stash, params, model_state, shapes))  # traced once a mode
         self.stash = self.requested_stash
@@ -280,9 +280,10 @@ class MeshEngine(StagedMeshEngine):
         stage_index = jax.lax.axis_index("stage")
         params, model_state, opt_state = local_block((state.params, state.model_state, state.opt_state))
 
-        depth = stage_table([schedule.stash_depth(k, K) for k in range(K)], stage_index)
+        depth = stage_table([max(1, schedule.stash_depth(k, K)) for k in range(K)], stage_index)  # last: unused
         delay = stage_table([schedule.stage_delay(k, K) for k in range(K)], stage_index)
-        slot, due_slot = t % depth, (t - delay) % depth  # this tick's forward; this tick's backward's
+        # this tick's forward; this tick's backward's: the same row, read in the stage's branch, then written
+        slot, due_slot = t % depth, (t - delay) % depth
         work = [partial(self._stage_work, k) for k in range(K)]
         operands = (t, jax.lax.axis_index("data"), Weights(params, model_state, opt_state), x, y,
                     Inbox(tuple(m[0, 0] for m in state.messages), state.label_msg[0, 0]))
