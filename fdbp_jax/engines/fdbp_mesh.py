@@ -135,23 +135,24 @@ class Weights(NamedTuple):
 
 
 class Rings(NamedTuple):
-    """A device's stash rings (local blocks) and the row its delayed backward reads this tick. The stage's
-    branch reads that row from the rings, and the tick's own row is written after the branch, from its
-    outputs: with the write depending on the read, XLA copies no ring and no due row is kept in state."""
+    """A device's stash rings (local blocks) and this tick's row of them: a ring holds stage_delay rows, so
+    the row the delayed backward reads is the one this tick's forward takes. The stage's branch reads it
+    from the rings, and the tick's own row is written after the branch, from its outputs: with the write
+    depending on the read, XLA copies no ring and no due row is kept in state."""
 
     stash: tuple  # per slot, (1, 1, D, W_j)
     params: dict  # "recompute" only, dtype -> (1, D, P)
     model_state: dict  # "recompute" only, dtype -> (1, D, M)
-    due_slot: jax.Array
+    slot: jax.Array  # this tick's row: read by the delayed backward, then written by this tick's forward
 
     def due_row(self) -> "Row":
         """The row this tick's delayed backward uses (one replica)."""
-        read = lambda rings, local: jax.tree.map(lambda ring: read_row(ring, self.due_slot)[local], rings)
+        read = lambda rings, local: jax.tree.map(lambda ring: read_row(ring, self.slot)[local], rings)
         return Row(read(self.stash, (0, 0)), read(self.params, 0), read(self.model_state, 0))
 
-    def written(self, slot: jax.Array, row: "Row") -> "Rings":
-        """The rings with depth row `slot` set to `row`."""
-        write = lambda rings, rows: jax.tree.map(partial(write_row, slot=slot), rings, rows)
+    def written(self, row: "Row") -> "Rings":
+        """The rings with this tick's row set to `row`."""
+        write = lambda rings, rows: jax.tree.map(partial(write_row, slot=self.slot), rings, rows)
         return self._replace(stash=write(self.stash, row.entry), params=write(self.params, row.params),
                              model_state=write(self.model_state, row.model_state))
 
@@ -281,13 +282,13 @@ class MeshEngine(StagedMeshEngine):
         params, model_state, opt_state = local_block((state.params, state.model_state, state.opt_state))
 
         depth = stage_table([max(1, schedule.stash_depth(k, K)) for k in range(K)], stage_index)  # last: unused
-        delay = stage_table([schedule.stage_delay(k, K) for k in range(K)], stage_index)
-        # this tick's forward; this tick's backward's: the same row, read in the stage's branch, then written
-        slot, due_slot = t % depth, (t - delay) % depth
+        # this tick's forward's row: the ring's oldest, the forward of stage_delay ticks ago, which this
+        # tick's backward reads in the stage's branch before the row is written
+        slot = t % depth
         work = [partial(self._stage_work, k) for k in range(K)]
         operands = (t, jax.lax.axis_index("data"), Weights(params, model_state, opt_state), x, y,
                     Inbox(tuple(m[0, 0] for m in state.messages), state.label_msg[0, 0]))
-        rings = Rings(state.stash, state.stash_params, state.stash_model_state, due_slot)
+        rings = Rings(state.stash, state.stash_params, state.stash_model_state, slot)
 
         def stashing(rings, operands):  # a stage k < K-1: its work, then its row of every ring
             branches = work[:-1]
@@ -296,7 +297,7 @@ class MeshEngine(StagedMeshEngine):
                 # taken, keeps the stage's work in a conditional of its own
                 branches = [*branches, partial(never_run, branches[0])]
             *outputs, row = stage_switch(self.mesh, branches)(stage_index, *operands, rings)
-            return (*outputs, rings.written(slot, row))
+            return (*outputs, rings.written(row))
 
         # the last stage stashes nothing: it builds no entry (one padded to the others' slots would be
         # zero-filled each tick: 50 MB on 2 real workers, ResNet-20 K=2 selective) and skips the ring's
