@@ -307,9 +307,7 @@ def predicted_seconds(row: dict, measured: dict, link, processes: int, batch: in
 def check_model(rows: list[dict], args) -> dict:
     """Measure the curves on one worker (beside a twin on the other core: the machine the rows saw),
     predict every row and put prediction and relative error beside its measurement."""
-    links = next((r["links"] for r in rows if "links" in r), None)
-    if links is None:
-        raise SystemExit("--check-model needs the links, measured in the fdbp-recompute row: add it to --configs")
+    links = next(r["links"] for r in rows if "links" in r)  # main() asks for an FDBP row up front
     splits = sorted({tuple(r["boundaries"]) for r in rows if r["algorithm"] != "bp"})
     micro = sorted({r["microbatches"] for r in rows})
     settings = {"name": "costs", "mode": "costs", "model": args.model, "split_unit": args.split_unit, "repeats": 5,
@@ -331,12 +329,13 @@ def measure_round(names: list[str], args, base: dict, round_index: int) -> tuple
     """Every configuration of `names` once, each a fresh set of processes: the round's rows (speedups
     against this round's 1-worker baseline) and the provenance of its first row."""
     rows, provenance = [], None
+    links_row = next((name for name in names if CONFIGS[name][0] == "fdbp"), None)  # the links: measured once a round
     for name in names:
         algorithm, workers, stash, micro = CONFIGS[name]
         for M in ([1] if micro == 1 else list(map(int, args.microbatches.split(",")))):
             label = name if micro == 1 else f"{name}-M{M}"
             settings = {**base, "name": label, "algorithm": algorithm, "stash": stash, "microbatches": M,
-                        "links": name == "fdbp-recompute"}
+                        "links": name == links_row}
             if workers == 1:  # the baseline and its twin, side by side, each alone in its process
                 results = launch(settings, 1, list(range(args.processes)))
             else:
@@ -397,6 +396,11 @@ def best_per_round(rows: list[dict]) -> dict:
     return summary
 
 
+def write_json(result: dict, out: str) -> None:
+    with open(os.path.join(out, "workers.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--processes", type=int, default=2)
@@ -438,6 +442,9 @@ def main(argv=None) -> int:
         p.error("--processes must be >= 2 and --batch divisible by processes x every --microbatches value")
     if args.rounds < 1:
         p.error(f"--rounds {args.rounds}: give 1 or more")
+    if args.check_model and not any(CONFIGS[n][0] == "fdbp" for n in names):
+        p.error("--check-model needs the links, measured in an FDBP row: add fdbp-recompute, fdbp-selective or "
+                "fdbp-residuals to --configs")
     os.makedirs(args.out, exist_ok=True)
     base = {"model": args.model, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
             "boundaries": args.boundaries, "measure": args.measure, "split_unit": args.split_unit,
@@ -447,15 +454,16 @@ def main(argv=None) -> int:
         round_rows, round_provenance = measure_round(names, args, base, round_index)
         rows += round_rows
         provenance = provenance or round_provenance
-    model = check_model(rows, args) if args.check_model else None
     result = {"provenance": {**(provenance or {}), "processes": args.processes, "model": args.model,
                              "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
                              "boundaries": args.boundaries or f"split_blocks, measure={args.measure}",
                              "split_unit": args.split_unit,
                              "data": "random normal images, fixed seed 0", "pinned": not on_gpu()},
-              "rows": rows, "over_rounds": over_rounds(rows), "best_per_round": best_per_round(rows), "model": model}
-    with open(os.path.join(args.out, "workers.json"), "w") as f:
-        json.dump(result, f, indent=1)
+              "rows": rows, "over_rounds": over_rounds(rows), "best_per_round": best_per_round(rows), "model": None}
+    write_json(result, args.out)  # the measurements are kept whatever the model's check does
+    if args.check_model:
+        result["model"] = check_model(rows, args)
+        write_json(result, args.out)
     for row in rows:
         speedup, predicted = row["speedup_vs_1_worker"], row.get("predicted_seconds")
         print(f"round {row['round']} {row['name']:<18} " + (f"speedup {speedup:.2f}x" if speedup else "")

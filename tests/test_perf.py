@@ -163,6 +163,16 @@ def test_bench_workers_gives_each_round_its_own_baseline():
     assert summary["bp1"]["speedups"] == [1.0, 1.0, 1.0]
 
 
+def test_bench_workers_refuses_a_model_check_without_an_fdbp_row_before_measuring(tmp_path, capsys):
+    """--check-model fits the link to what an FDBP row measures: without one it stops at once, with one
+    line naming the fix, not after the rows were measured (a run of 18 minutes was lost so)."""
+    with pytest.raises(SystemExit) as stop:
+        bench_workers().main(["--configs", "bp1,bp", "--check-model", "--out", str(tmp_path / "w")])
+    assert stop.value.code == 2
+    assert "add fdbp-recompute, fdbp-selective or fdbp-residuals to --configs" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "w")  # nothing was launched or written
+
+
 def test_bench_workers_reads_each_algorithms_best_configuration_per_round():
     """FDBP "with the best stash" is, in each round, its fastest stash against that round's baseline;
     the 1-worker rows are not an algorithm's configuration."""
