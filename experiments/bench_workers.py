@@ -325,11 +325,16 @@ def check_model(rows: list[dict], args) -> dict:
     return {"curves": measured, "twin_curves": twins[1:], "link": {"bandwidth": link.bandwidth, "latency": link.latency}}
 
 
+def links_config(names: list[str]) -> str | None:
+    """The configuration whose row also measures the links (once a round): the first FDBP one, if any."""
+    return next((name for name in names if CONFIGS[name][0] == "fdbp"), None)
+
+
 def measure_round(names: list[str], args, base: dict, round_index: int) -> tuple[list[dict], dict | None]:
     """Every configuration of `names` once, each a fresh set of processes: the round's rows (speedups
     against this round's 1-worker baseline) and the provenance of its first row."""
     rows, provenance = [], None
-    links_row = next((name for name in names if CONFIGS[name][0] == "fdbp"), None)  # the links: measured once a round
+    links_row = links_config(names)
     for name in names:
         algorithm, workers, stash, micro = CONFIGS[name]
         for M in ([1] if micro == 1 else list(map(int, args.microbatches.split(",")))):
@@ -442,7 +447,7 @@ def main(argv=None) -> int:
         p.error("--processes must be >= 2 and --batch divisible by processes x every --microbatches value")
     if args.rounds < 1:
         p.error(f"--rounds {args.rounds}: give 1 or more")
-    if args.check_model and not any(CONFIGS[n][0] == "fdbp" for n in names):
+    if args.check_model and links_config(names) is None:
         p.error("--check-model needs the links, measured in an FDBP row: add fdbp-recompute, fdbp-selective or "
                 "fdbp-residuals to --configs")
     os.makedirs(args.out, exist_ok=True)
