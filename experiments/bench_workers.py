@@ -168,7 +168,7 @@ def run_worker(settings: dict) -> int:
 
     import fdbp_jax as fj
     from fdbp_jax import costs, models
-    from fdbp_jax.engines import reruns_forward
+    from fdbp_jax.engines import split_stash
     from fdbp_jax.losses import cross_entropy
 
     P, B = jax.device_count(), settings["batch"]
@@ -179,7 +179,7 @@ def run_worker(settings: dict) -> int:
     blocks = models.model_blocks(settings["model"], split_unit=settings["split_unit"])
     split = fj.split_blocks(blocks, K, np.zeros((local, 32, 32, 3), np.float32),
                             settings["boundaries"] if K > 1 else None, measure=settings["measure"],
-                            rerun_forward=reruns_forward(algorithm, stash))
+                            stash=split_stash(algorithm, stash))
     trainer = fj.Trainer(split.stages, cross_entropy, optax.sgd(0.05, momentum=0.9), mesh=mesh,
                          algorithm=algorithm, stash=stash, microbatches=M)
     rng = np.random.default_rng(0)

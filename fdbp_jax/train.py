@@ -23,7 +23,7 @@ from fdbp_jax import distributed
 from fdbp_jax import input_pipeline as pipeline
 from fdbp_jax.checkpoint import Checkpoints, prepare_workdir
 from fdbp_jax.config import Config, validate
-from fdbp_jax.engines import reruns_forward
+from fdbp_jax.engines import split_stash
 from fdbp_jax.losses import cross_entropy
 from fdbp_jax.mesh import make_mesh
 from fdbp_jax.models import model_blocks
@@ -63,12 +63,12 @@ class Diverged(RuntimeError):
 def model_split(config: Config) -> Split:
     """The configured model (in --split-unit blocks) cut into --stages stages: at --boundaries, or
     cost-balanced by --split-by (`split_blocks`; "time" measures every block on this device, once per run),
-    counting the forwards that the algorithm and stash re-run (`engines.reruns_forward`)."""
+    counting the stages' stash work that the algorithm and stash add (`engines.split_stash`)."""
     spec = data_lib.DATASETS[config.dataset]
     example = jax.ShapeDtypeStruct((config.batch_size // config.replicas, *spec.image_shape), np.float32)
     return split_blocks(model_blocks(config.model, spec.classes, config.split_unit), config.stages, example,
                         config.boundaries, measure=config.split_by,
-                        rerun_forward=reruns_forward(config.algorithm, config.stash))
+                        stash=split_stash(config.algorithm, config.stash))
 
 
 def load_datasets(config: Config) -> tuple[data_lib.ArrayDataset, data_lib.ArrayDataset]:

@@ -88,13 +88,15 @@ def test_block_costs_are_counted_on_the_cpu_whatever_the_default_device():
     assert moved == partition.block_costs(blocks, example)[0] and all(c > 1e6 for c in moved)
 
 
-def test_the_stages_that_rerun_their_forwards():
-    from fdbp_jax.engines import reruns_forward
+def test_the_stash_work_a_split_counts_for_each_algorithm():
+    from fdbp_jax.engines import split_stash
 
-    assert [reruns_forward("fdbp", s) for s in ("recompute", "selective", "residuals", "auto")] == [True, False, False, False]
-    assert reruns_forward("gpipe", "auto") and reruns_forward("1f1b", "selective") and not reruns_forward("bp", "recompute")
+    assert [split_stash("fdbp", s) for s in ("recompute", "selective", "residuals", "auto")] == [
+        "recompute", "selective", "residuals", "selective"]
+    assert split_stash("gpipe", "auto") == split_stash("1f1b", "selective") == "recompute"
+    assert split_stash("bp", "recompute") is None
     with pytest.raises(ValueError, match="algorithm 'pipedream' is not known"):
-        reruns_forward("pipedream", "auto")
+        split_stash("pipedream", "auto")
 
 
 def test_unknown_model():
@@ -114,9 +116,9 @@ def test_split_blocks_cuts_nnx_and_linen_blocks_by_cost():
     split = fj.split_blocks(nnx_blocks(), 3, example)
     assert len(split.stages) == 3 and all(isinstance(s, nnx.Module) for s in split.stages)
     assert split.boundaries == partition.linear_partition(split.costs, 3) and len(split.costs) == 6
-    rerun = fj.split_blocks(nnx_blocks(), 3, example, rerun_forward=True)  # each block's forward FLOPs
-    assert all(0 < f < c for f, c in zip(rerun.rerun_costs, rerun.costs))
-    assert rerun.boundaries == partition.linear_partition(rerun.costs, 3, rerun.rerun_costs)
+    rerun = fj.split_blocks(nnx_blocks(), 3, example, stash="recompute")  # each block's forward FLOPs
+    assert all(0 < f < c for f, c in zip(rerun.stash_costs, rerun.costs))
+    assert rerun.boundaries == partition.linear_partition(rerun.costs, 3, rerun.stash_costs)
     assert "balance (mean/max stage FLOPs)" in str(split) and 0 < split.balance <= 1
     trainer = fj.Trainer(split.stages, toy.cross_entropy, optax.sgd(0.1))
     x, y = toy.batches(1, batch=4)
@@ -124,6 +126,21 @@ def test_split_blocks_cuts_nnx_and_linen_blocks_by_cost():
     linen = fj.split_blocks(models.model_blocks("cnn"), 2, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32),
                             boundaries=[2])
     assert linen.boundaries == [2] and [len(s.blocks) for s in linen.stages] == [2, 4]
+
+
+def test_split_blocks_counts_each_stash_work_in_the_stages_before_the_last():
+    """A stage before the last pays its stash: the whole forward again (recompute), the elementwise ops
+    recomputed from the saved matmul/conv outputs (selective), or little beyond forward + backward
+    (residuals); counted per block in FLOPs, and the cut minimises the largest stage with them."""
+    example = jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.float32)
+    splits = {stash: fj.split_blocks(models.model_blocks("cnn"), 2, example, stash=stash)
+              for stash in ("recompute", "selective", "residuals")}
+    for recompute, selective, residuals in zip(*(s.stash_costs for s in splits.values())):
+        assert recompute >= selective > residuals >= 0
+    for split in splits.values():
+        assert split.boundaries == partition.linear_partition(split.costs, 2, split.stash_costs)
+    with pytest.raises(ValueError, match=r"stash='everything' is not known: use one of \('recompute'"):
+        fj.split_blocks(models.model_blocks("cnn"), 2, example, stash="everything")
 
 
 def test_split_blocks_names_the_block_that_does_not_chain():
@@ -136,17 +153,17 @@ def test_split_blocks_names_the_block_that_does_not_chain():
 
 
 def test_split_blocks_can_balance_measured_time():
-    """measure="time": each block's forward + backward in seconds on this device; with rerun_forward its
-    forward again in the stages before the last (FDBP recomputing, GPipe, 1F1B)."""
+    """measure="time": each block's forward + backward in seconds on this device; with stash="recompute"
+    its forward again in the stages before the last (FDBP recomputing, GPipe, 1F1B)."""
     example = jax.ShapeDtypeStruct((4, 8, 8, 3), jnp.float32)
     split = fj.split_blocks(nnx_blocks(), 2, example, measure="time")
-    assert split.measure == "time" and all(0 < c < 10 for c in split.costs) and split.rerun_costs is None
+    assert split.measure == "time" and all(0 < c < 10 for c in split.costs) and split.stash_costs is None
     assert split.boundaries == partition.linear_partition(split.costs, 2)
     assert "balance (mean/max stage time)" in str(split)
-    rerun = fj.split_blocks(nnx_blocks(), 2, example, measure="time", rerun_forward=True)
-    assert len(rerun.rerun_costs) == 6 and all(0 < c < 10 for c in rerun.rerun_costs)
-    assert rerun.boundaries == partition.linear_partition(rerun.costs, 2, rerun.rerun_costs)
-    assert "balance (mean/max stage time, forwards re-run)" in str(rerun)
+    rerun = fj.split_blocks(nnx_blocks(), 2, example, measure="time", stash="recompute")
+    assert len(rerun.stash_costs) == 6 and all(0 < c < 10 for c in rerun.stash_costs)
+    assert rerun.boundaries == partition.linear_partition(rerun.costs, 2, rerun.stash_costs)
+    assert "balance (mean/max stage time, with the stash work)" in str(rerun)
     with pytest.raises(ValueError, match="measure='watts' is not known"):
         fj.split_blocks(nnx_blocks(), 2, example, measure="watts")
 

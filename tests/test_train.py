@@ -122,7 +122,7 @@ def test_resume_refuses_other_settings(tmp_path):
 def test_show_split_prints_stages(capsys):
     assert cli.main(["--model", "resnet20", "--stages", "4", "--show-split"]) == 0
     out = capsys.readouterr().out
-    assert out.count("BasicBlock") >= 4 and "balance (mean/max stage FLOPs)" in out
+    assert out.count("BasicBlock") >= 4 and "balance (mean/max stage FLOPs, with the stash work)" in out
 
 
 def test_show_split_can_cut_inside_residual_blocks(capsys):
@@ -196,7 +196,7 @@ def test_vit_cuts_evenly_into_eight_stages(capsys):
     assert cli.main(["--model", "vit", "--stages", "8", "--show-split"]) == 0
     out = capsys.readouterr().out
     assert out.count("TransformerBlock") >= 8 and "PatchEmbedding" in out and "TokenHead" in out
-    balance = float(out.split("balance (mean/max stage FLOPs):")[1].split()[0])
+    balance = float(out.split("balance (mean/max stage FLOPs, with the stash work):")[1].split()[0])
     assert balance > 0.95, out
 
 

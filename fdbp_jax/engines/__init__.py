@@ -130,15 +130,19 @@ def pipeline_timetable(algorithm: str, num_stages: int, microbatches: int) -> Ti
     return build.timetable(num_stages, microbatches)
 
 
-def reruns_forward(algorithm: str, stash: str) -> bool:
-    """Whether the stages before the last run each forward again before its backward: FDBP with the
-    recompute stash, and the synchronous pipelines. A cost-balanced split adds that forward to their
-    cost (`split_blocks(rerun_forward=...)`). With stash "auto" FDBP is counted as keeping residuals:
-    auto takes the selective stash wherever its rings fit."""
+def split_stash(algorithm: str, stash: str) -> str | None:
+    """How the stages before the last keep each forward for their backward, whose extra work a
+    cost-balanced split adds to their cost (`split_blocks(stash=...)`): FDBP's `stash` ("auto" counted
+    as "selective": auto takes it wherever its rings fit), "recompute" for the synchronous pipelines
+    (they run each forward again), None for BP (one stage)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm {algorithm!r} is not known: use one of {', '.join(ALGORITHMS)}")
-    return ALGORITHMS[algorithm].pipelined and (algorithm != "fdbp" or stash == "recompute")
+    if not ALGORITHMS[algorithm].pipelined:
+        return None
+    if algorithm != "fdbp":
+        return "recompute"
+    return "selective" if stash == AUTO_STASH else stash
 
 
 __all__ = ["ALGORITHMS", "AUTO_STASH", "Algorithm", "Engine", "EngineOptions", "STASH_CHOICES", "STASH_MODES",
-           "SynchronousPipeline", "pipeline_timetable", "reruns_forward"]
+           "SynchronousPipeline", "pipeline_timetable", "split_stash"]
