@@ -4,7 +4,8 @@
         [--engines bp,fdbp,gpipe,1f1b] [--system-malloc] [--out runs/bench]
 
 For ResNet-20 and an MLP: wall time per training example of one FDBP tick on a (2, 4) mesh (every
-stash mode), of one GPipe and one 1F1B step on the same mesh (each --microbatches M), and of one
+stash mode) and on a (4, 2) mesh (K=2: every stash mode, at half the per-device batch), of one GPipe
+and one 1F1B step on the (2, 4) mesh (each --microbatches M), and of one
 BP step on (8, 1) and on (2, 4), all in this process, timed in --rounds rounds of --steps steps each in
 turn (so the machine's drift over minutes slows every configuration alike), the median of them; each
 compiled step's per-device memory (`memory_analysis`), and its CPU time (user, kernel) and page
@@ -14,7 +15,7 @@ sent between stages per tick; and the speed model's predicted vs measured tick (
 --system-malloc, it restarts itself with malloc on transparent huge pages kept in its arenas and XLA:CPU
 scheduling for memory (`fdbp_jax.host_memory.mesh_environment`), as fdbp-train does on a simulated mesh.
 Writes <out>/bench.json.
-The last line printed is the ResNet-20 ratio FDBP (fastest stash) / best BP.
+The last line printed is the ResNet-20 ratio FDBP (fastest stash) / best BP on each FDBP mesh.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import sys
 
 import jax
 
-DEVICES = 8  # the simulated mesh: (8, 1) and (2, 4)
+DEVICES = 8  # the simulated mesh: (8, 1), (2, 4) and (4, 2)
+SHAPES = ((2, 4), (4, 2))  # FDBP's meshes (data, stage): K=4 and K=2 on the 8 devices
 jax.config.update("jax_num_cpu_devices", DEVICES)
 
 import flax.linen as nn  # noqa: E402
@@ -147,15 +149,17 @@ def main(argv=None) -> int:
         blocks = model_blocks(name)
         local = jax.ShapeDtypeStruct((args.batch // 2, 32, 32, 3), jnp.float32)
         flops, _ = partition.block_costs(blocks, local)
-        cut = partition.linear_partition(flops, 4)
-        stages = partition.join_blocks(blocks, cut)
+        cuts = {K: partition.linear_partition(flops, K) for _, K in SHAPES}
+        cut, stages = cuts[4], partition.join_blocks(blocks, cuts[4])
         opt = optax.sgd(0.05, momentum=0.9)
-        row = {"boundaries": cut, "balance": partition.balance(flops, cut)}
+        row = {"boundaries": cut, "balance": partition.balance(flops, cut),
+               "boundaries (4,2)": cuts[2], "balance (4,2)": partition.balance(flops, cuts[2])}
         runs = {
             "bp (8,1)": fj.Trainer(stages, cross_entropy, opt, mesh=fj.make_mesh(8, 1), algorithm="bp"),
             "bp (2,4)": fj.Trainer(stages, cross_entropy, opt, mesh=fj.make_mesh(2, 4), algorithm="bp"),
-            **{f"fdbp (2,4) {mode}": fj.Trainer(stages, cross_entropy, opt, mesh=fj.make_mesh(2, 4), stash=mode)
-               for mode in STASH_MODES},
+            **{f"fdbp ({N},{K}) {mode}": fj.Trainer(partition.join_blocks(blocks, cuts[K]), cross_entropy, opt,
+                                                    mesh=fj.make_mesh(N, K), stash=mode)
+               for N, K in SHAPES for mode in STASH_MODES},
             **{f"{algorithm} (2,4) M={M}": fj.Trainer(stages, cross_entropy, opt, mesh=fj.make_mesh(2, 4),
                                                      algorithm=algorithm, microbatches=M)
                for M in map(int, args.microbatches.split(",")) for algorithm in ("gpipe", "1f1b")
@@ -180,7 +184,9 @@ def main(argv=None) -> int:
         best_bp = min(row["bp (8,1)"]["step_s"], row["bp (2,4)"]["step_s"])
         for mode in STASH_MODES:
             row[f"ratio {mode}"] = row[f"fdbp (2,4) {mode}"]["step_s"] / best_bp
+            row[f"ratio (4,2) {mode}"] = row[f"fdbp (4,2) {mode}"]["step_s"] / best_bp
         row["fastest stash"] = min(STASH_MODES, key=lambda mode: row[f"ratio {mode}"])
+        row["fastest stash (4,2)"] = min(STASH_MODES, key=lambda mode: row[f"ratio (4,2) {mode}"])
         # BP on (8,1) at FDBP's per-device batch (global 4x): how much of the ratio is this machine's
         # per-example cost growing with the per-device batch, and how much is FDBP's own
         wide = np.concatenate([x] * 4), np.concatenate([y] * 4)
@@ -221,7 +227,8 @@ def main(argv=None) -> int:
             print(f"{name:9s} speed model, {stash} stash: predicted tick {predicted * 1e3:.1f} ms, measured "
                   f"{measured * 1e3:.1f} ms ({100 * (predicted - measured) / measured:+.0f}%)", flush=True)
         results[name] = row
-        ratio = row[f"ratio {row['fastest stash']}"] if name == "resnet20" else ratio
+        ratio = (row[f"ratio {row['fastest stash']}"], row[f"ratio (4,2) {row['fastest stash (4,2)']}"]) \
+            if name == "resnet20" else ratio
     results["provenance"] = {**costs.provenance(), "steps": args.steps, "rounds": args.rounds, "batch": args.batch,
                              "malloc": {"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""),
                                         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}}
@@ -230,9 +237,11 @@ def main(argv=None) -> int:
     for name, row in ((n, r) for n, r in results.items() if n != "provenance"):
         print(f"{name}: FDBP/BP time per example = " + ", ".join(f"{row[f'ratio {m}']:.3f} ({m})" for m in STASH_MODES)
               + "; at the same per-device batch " + ", ".join(
-                  f"{row['ratio at the same per-device batch'][m]:.3f} ({m})" for m in STASH_MODES))
+                  f"{row['ratio at the same per-device batch'][m]:.3f} ({m})" for m in STASH_MODES)
+              + "; on (4,2) " + ", ".join(f"{row[f'ratio (4,2) {m}']:.3f} ({m})" for m in STASH_MODES))
     if ratio is not None:
-        print(f"resnet20 FDBP (2,4), fastest stash, / best BP per-example time ratio: {ratio:.3f}")
+        print(f"resnet20 FDBP, fastest stash, / best BP per-example time ratio: (4,2) {ratio[1]:.3f}; "
+              f"(2,4) {ratio[0]:.3f}")
     return 0
 
 
