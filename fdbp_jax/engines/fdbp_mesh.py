@@ -114,6 +114,12 @@ def forward_with_pullback(stage: Stage, stash: str, params, model_state, x, key:
     return jax.vjp(run, params, x, has_aux=True)
 
 
+def ring_depth(k: int, K: int) -> int:
+    """Rows of stage k's stash ring: its delay (`schedule.stash_depth`), and at least one, so that the
+    last stage's (unused) and K=1's rings are not empty arrays."""
+    return max(1, schedule.stash_depth(k, K))
+
+
 def never_run(branch, *operands):
     """Zeros shaped as `branch(*operands)`: a conditional's branch that is never taken."""
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(branch, *operands))
@@ -201,7 +207,7 @@ class MeshEngine(StagedMeshEngine):
         params, model_state = zip(*(split_variables(v) for v in variables))
         opt_state = [o.init(p) for o, p in zip(self.optimizers, params)]
         self.packed = packed = PackedStages.build(params, model_state, opt_state, shapes)
-        b, D = shapes[0].shape[0], max(1, schedule.stash_depth(0, K))  # one row (unused) with K = 1: no empty arrays
+        b, D = shapes[0].shape[0], ring_depth(0, K)  # every device's rings, sized for stage 0's, the deepest
         packed_params, packed_state, packed_opt = packed.stack(params, model_state, opt_state)
         layout = cache(lambda stash: self._stash_layout(stash, params, model_state, shapes))  # traced once a mode
         self.stash = self.requested_stash
@@ -281,7 +287,7 @@ class MeshEngine(StagedMeshEngine):
         stage_index = jax.lax.axis_index("stage")
         params, model_state, opt_state = local_block((state.params, state.model_state, state.opt_state))
 
-        depth = stage_table([max(1, schedule.stash_depth(k, K)) for k in range(K)], stage_index)  # last: unused
+        depth = stage_table([ring_depth(k, K) for k in range(K)], stage_index)
         # this tick's forward's row: the ring's oldest, the forward of stage_delay ticks ago, which this
         # tick's backward reads in the stage's branch before the row is written
         slot = t % depth
@@ -349,10 +355,8 @@ class MeshEngine(StagedMeshEngine):
             loss, fwd_state, grads, input_grad = work.last(t, replica, params, model_state, x_in, labels)
             outputs, labels_out, row = None, jnp.zeros_like(labels), None
         else:
-            forward_params = weights.params
             if self.correction.moves_forward_weights:
                 params = work.forward_params(params, packed.opt_layouts[k].unpack(weights.opt_state))
-                forward_params = packed.pack_params(k, params)
             if self.stash != "recompute":  # the stashed forward's own pullback, from its residuals
                 outputs, pullback, fwd_state = forward_with_pullback(
                     self.stages[k], self.stash, params, model_state, x_in, work.forward_key(t, replica), k > 0)
@@ -371,11 +375,12 @@ class MeshEngine(StagedMeshEngine):
                 (used_input,) = self.stash_slots.unpack(k, due_row.entry)
                 due = Stashed(packed.params(k, due_row.params), packed.model_state(k, due_row.model_state), used_input)
                 grads, input_grad = work.backward(t, replica, due, packed.from_message(gradient_in, k + 1))
-            recompute = self.stash == "recompute"
-            # the barrier keeps the weights an output of this branch (not forwarded around it), so their
-            # write waits for the branch's read of the due rows and XLA need not copy their rings
-            row = Row(*jax.lax.optimization_barrier(
-                (entry, forward_params if recompute else {}, weights.model_state if recompute else {})))
+            # the recompute stash keeps the weights its forward ran with (packed), to run it again; the
+            # barrier keeps them an output of this branch (not forwarded around it), so their write waits
+            # for the branch's read of the due rows and XLA need not copy their rings
+            kept_weights = ((packed.pack_params(k, params) if self.correction.moves_forward_weights else weights.params,
+                             weights.model_state) if self.stash == "recompute" else ({}, {}))
+            row = Row(*jax.lax.optimization_barrier((entry, *kept_weights)))
             labels_out, loss = labels, 0.0
         message = lambda h: no_message if h is None else packed.to_message(h)
         return (
