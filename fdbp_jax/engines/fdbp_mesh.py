@@ -375,11 +375,13 @@ class MeshEngine(StagedMeshEngine):
                 (used_input,) = self.stash_slots.unpack(k, due_row.entry)
                 due = Stashed(packed.params(k, due_row.params), packed.model_state(k, due_row.model_state), used_input)
                 grads, input_grad = work.backward(t, replica, due, packed.from_message(gradient_in, k + 1))
-            # the recompute stash keeps the weights its forward ran with (packed), to run it again; the
-            # barrier keeps them an output of this branch (not forwarded around it), so their write waits
-            # for the branch's read of the due rows and XLA need not copy their rings
-            kept_weights = ((packed.pack_params(k, params) if self.correction.moves_forward_weights else weights.params,
-                             weights.model_state) if self.stash == "recompute" else ({}, {}))
+            kept_weights = ({}, {})
+            if self.stash == "recompute":  # the weights its forward ran with (packed), to run it again
+                forward_params = (packed.pack_params(k, params) if self.correction.moves_forward_weights
+                                  else weights.params)
+                kept_weights = (forward_params, weights.model_state)
+            # the barrier keeps the weights an output of this branch (not forwarded around it), so their
+            # write waits for the branch's read of the due rows and XLA need not copy their rings
             row = Row(*jax.lax.optimization_barrier((entry, *kept_weights)))
             labels_out, loss = labels, 0.0
         message = lambda h: no_message if h is None else packed.to_message(h)
