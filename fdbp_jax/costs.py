@@ -36,7 +36,6 @@ import optax
 
 from fdbp_jax import models, partition
 from fdbp_jax.engines._cpu_convolutions import fast_convolutions
-from fdbp_jax.engines.fdbp_mesh import forward_with_pullback
 from fdbp_jax.perf import TICK_CURVES, median_seconds, random_inputs
 from fdbp_jax.stages import Stage, apply_update, backprop_grads, delayed_grads, last_stage_grads, split_variables
 from fdbp_jax.losses import cross_entropy
@@ -150,19 +149,16 @@ def measure_stage(
 def stashing_tick(stage: Stage, k: int, stash: str, model_state, optimizer: optax.GradientTransformation,
                   tick_args: tuple) -> tuple[Callable, tuple]:
     """The tick of stage k < K-1 with a stash of RESIDUAL_STASHES, as the mesh engine runs it
-    (`fdbp_mesh.forward_with_pullback`), and its arguments: the new batch's forward keeping its
-    residuals, and the pullback of the residuals a forward of the old batch stashed."""
+    (`partition.stash_tick`: the new batch's forward keeping its residuals, and the pullback of the
+    residuals a forward of the old batch stashed) with the update, and its arguments."""
     params, opt_state, h_new, h_old, output_grad = tick_args
-    key = stage.forward_key(0, 0)
-    run = lambda p, h: forward_with_pullback(stage, stash, p, model_state, h, key, input_grad=k > 0)
-    stashed, treedef = jax.tree.flatten(run(params, h_old)[1])
+    work, residuals = partition.stash_tick(stage, stash, stage.forward_key(0, 0), input_grad=k > 0)
 
-    def tick(p, o, h, residuals, g):
-        y, pullback, _ = run(p, h)
-        cotangents = jax.tree.unflatten(treedef, residuals)(g)
-        return y, jax.tree.leaves(pullback), cotangents[1:], *apply_update(optimizer, p, o, cotangents[0])
+    def tick(p, o, h, kept, g):
+        y, kept_now, cotangents = work(p, model_state, h, kept, g)
+        return y, kept_now, cotangents[1:], *apply_update(optimizer, p, o, cotangents[0])
 
-    return tick, (params, opt_state, h_new, stashed, output_grad)
+    return tick, (params, opt_state, h_new, residuals(params, model_state, h_old), output_grad)
 
 
 def measure_update(params, opt_state, optimizer: optax.GradientTransformation, repeats: int) -> float:

@@ -151,14 +151,14 @@ def measure_blocks(blocks: Sequence[Any], example: jax.ShapeDtypeStruct, measure
 
         functions = {"forward_backward": forward_backward, "forward": forward}
         if "stash" in works:
-            functions["stash"], residuals = stash_tick(stage, stash, key)
+            functions["stash"], residuals = stash_tick(stage, stash, key, input_grad=True)
         if measure == "time":
             concrete = stage.init(jax.random.key(0), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), h))
             inputs = random_inputs(h, seed=i)
             concrete_state = {name: value for name, value in concrete.items() if name != "params"}
             for work in works:
                 run = jax.jit(fast_convolutions(functions[work], jax.default_backend()))
-                extra = (jax.jit(residuals)(concrete["params"], concrete_state, random_inputs(h, seed=i + 1)),
+                extra = (residuals(concrete["params"], concrete_state, random_inputs(h, seed=i + 1)),
                          random_inputs(output, seed=i + 2)) if work == "stash" else ()
                 costs[work].append(median_seconds(run, concrete["params"], concrete_state, inputs, *extra, repeats=5))
         else:
@@ -182,13 +182,16 @@ def measure_blocks(blocks: Sequence[Any], example: jax.ShapeDtypeStruct, measure
     return rows[0], params, rows[1] if stash is not None else None
 
 
-def stash_tick(stage: Any, stash: str, key: jax.Array) -> tuple[Callable, Callable]:
+def stash_tick(stage: Any, stash: str, key: jax.Array, input_grad: bool) -> tuple[Callable, Callable]:
     """The work of a stage before the last that keeps residuals (`stash` "selective" or "residuals"),
     as the mesh engine runs it (`fdbp_mesh.forward_with_pullback`): a forward keeping the residuals,
-    and the backward of an older forward from the residuals it kept. (That tick, a function of params,
-    model state, input, residuals and output gradient; and the forward's residuals, of the first three.)"""
-    run = lambda p, s, h: forward_with_pullback(stage, stash, p, s, h, key, input_grad=True)
-    residuals = lambda p, s, h: jax.tree.leaves(run(p, s, h)[1])
+    and the backward of an older forward from the residuals it kept (w.r.t. params, and the input if
+    `input_grad`). (That tick, a function of params, model state, input, residuals and output gradient
+    giving the output, the new residuals and the cotangents; and the forward's residuals, of the first
+    three, jitted as the tick is traced.)"""
+    run = lambda p, s, h: forward_with_pullback(stage, stash, p, s, h, key, input_grad=input_grad)
+    # traced like the tick's own forward (jit): the residuals an eager forward keeps can differ in structure
+    residuals = jax.jit(lambda p, s, h: jax.tree.leaves(run(p, s, h)[1]))
 
     def tick(p, s, h, kept, output_grad):
         y, pullback, _ = run(p, s, h)  # the older forward's pullback has the same structure

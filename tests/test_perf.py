@@ -298,3 +298,17 @@ def test_bench_workers_charges_cpu_time_to_the_thread_that_used_it():
         thread.join()
     assert seconds["fdbp-spin"] >= 0.25
     assert seconds["fdbp-wait"] < 0.05
+
+
+def test_stage_curves_time_each_stash_tick_as_the_mesh_runs_it():
+    """`costs.measure_split` times every stage's tick with each stash (the residual stashes through
+    `partition.stash_tick`, shared with the split's costs); the last stage stashes nothing, so its ticks
+    are one measurement. A half-block boundary is a pytree ({"h", "skip"}) that the ticks must carry."""
+    from fdbp_jax import costs, models
+
+    split = costs.new_split([6, 13])  # stage 1 starts and ends inside a block
+    costs.measure_split(split, models.model_blocks("resnet20", split_unit="half-block"), 3, (32, 32, 3), 2,
+                        costs.default_optimizer(), repeats=1)
+    curves = [[stage[curve] for curve in perf.TICK_CURVES.values()] for stage in split["stages"]]
+    assert all(len(c) == 1 and c[0][0] == 2 and c[0][1] > 0 for stage in curves for c in stage)
+    assert curves[-1][0] == curves[-1][1] == curves[-1][2]
