@@ -11,9 +11,10 @@ turn (so the machine's drift over minutes slows every configuration alike), the 
 compiled step's per-device memory (`memory_analysis`), and its CPU time (user, kernel) and page
 faults per step; BP on (8, 1) at FDBP's per-device batch (global 4x), and FDBP with one stage there
 (data-parallel SGD through the FDBP engine: its own overhead); FDBP's stash growth with K; the bytes
-sent between stages per tick; and the speed model's predicted vs measured tick (every stash). Unless
---system-malloc, it restarts itself with malloc on transparent huge pages kept in its arenas and XLA:CPU
-scheduling for memory (`fdbp_jax.host_memory.mesh_environment`), as fdbp-train does on a simulated mesh.
+sent between stages per tick; and the speed model's predicted vs measured tick (every stash, on each FDBP
+mesh). Unless --system-malloc, it restarts itself with malloc on transparent huge pages kept in its
+arenas and XLA:CPU scheduling for memory (`fdbp_jax.host_memory.mesh_environment`), as fdbp-train does on
+a simulated mesh.
 Writes <out>/bench.json.
 The last line printed is the ResNet-20 ratio FDBP (fastest stash) / best BP on each FDBP mesh.
 """
@@ -218,14 +219,18 @@ def main(argv=None) -> int:
             stash_growth[K] = per_device_bytes((state.stash, state.stash_params, state.stash_model_state))
         row["stash_bytes_per_device_by_K (N=1)"] = stash_growth
         row["model"] = {}
-        for stash, measured_stages in stage_costs(blocks, cut, args.batch // 2).items():
-            predicted = perf.shared_cores_tick_time(measured_stages, args.batch, 2, cores=os.cpu_count())
-            measured = row[f"fdbp (2,4) {stash}"]["step_s"]
-            row["model"][stash] = {"predicted_tick_s": predicted, "measured_tick_s": measured,
-                                   "relative_error": (predicted - measured) / measured,
-                                   "stage_tick_s": [c.work(args.batch // 2) for c in measured_stages]}
-            print(f"{name:9s} speed model, {stash} stash: predicted tick {predicted * 1e3:.1f} ms, measured "
-                  f"{measured * 1e3:.1f} ms ({100 * (predicted - measured) / measured:+.0f}%)", flush=True)
+        for N, K in SHAPES:  # each stage's curves measured at its per-device batch on one device
+            mesh_label, local_batch = f"({N},{K})", args.batch // N
+            row["model"][mesh_label] = {}
+            for stash, measured_stages in stage_costs(blocks, cuts[K], local_batch).items():
+                predicted = perf.shared_cores_tick_time(measured_stages, args.batch, N, cores=os.cpu_count())
+                measured = row[f"fdbp {mesh_label} {stash}"]["step_s"]
+                row["model"][mesh_label][stash] = {
+                    "predicted_tick_s": predicted, "measured_tick_s": measured,
+                    "relative_error": (predicted - measured) / measured,
+                    "stage_tick_s": [c.work(local_batch) for c in measured_stages]}
+                print(f"{name:9s} speed model, {mesh_label} {stash} stash: predicted tick {predicted * 1e3:.1f} ms, "
+                      f"measured {measured * 1e3:.1f} ms ({100 * (predicted - measured) / measured:+.0f}%)", flush=True)
         results[name] = row
         ratio = (row[f"ratio {row['fastest stash']}"], row[f"ratio (4,2) {row['fastest stash (4,2)']}"]) \
             if name == "resnet20" else ratio
