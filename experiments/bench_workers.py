@@ -3,7 +3,7 @@ core with taskset; on a GPU host one process per GPU), joined by jax.distributed
 
     python experiments/bench_workers.py [--processes 2] [--model resnet20] [--batch 128] [--steps 10]
         [--microbatches 4] [--configs bp1,bp,fdbp-recompute,...] [--split-unit auto|block|half-block]
-        [--rounds 1] [--check-model] [--system-malloc] [--out runs/workers]
+        [--rounds 1] [--lockstep] [--check-model] [--system-malloc] [--out runs/workers]
 
 For one model and global batch it times BP on 1 worker (beside an identical independent twin on the
 other worker's core, so both sides of the ratio see the same machine), data-parallel BP on P workers,
@@ -19,7 +19,12 @@ worker and puts `fdbp_jax.perf`'s prediction of every row beside its measurement
 measures every configuration R times, round by round, and gives each row's speedup against its own
 round's 1-worker baseline, then the median and range over the rounds (and each algorithm's best
 configuration per round: FDBP's best stash): a machine whose speed drifts over minutes (shared hosts)
-moves a row and a baseline measured minutes apart, not a round's. Writes <out>/workers.json.
+moves a row and a baseline measured minutes apart, not a round's. With --lockstep each multi-worker
+configuration's P processes run beside P 1-worker baseline twins pinned to the same cores, each process
+alone in its own process as in separate launches, but in turn: one step of the configuration on every
+core, then one step of every twin, driven from here; each step's speedup is against the baseline step
+right after it, so a slowdown of the machine that lasts seconds moves both sides of the ratio.
+Writes <out>/workers.json.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 CONFIGS = {  # name -> (algorithm, workers: 1 or P, stash, microbatches); K = P for the pipelined ones
@@ -67,9 +73,10 @@ def worker_process(command: list[str], worker: int) -> tuple[list[str], dict]:
     return command, env
 
 
-def launch(settings: dict, processes: int, worker_ids: list[int]) -> list[dict]:
-    """Start one worker process per id (pinned to core `id`, or given GPU `id`); their JSON results.
-    With `processes` > 1 they are joined by jax.distributed; with 1, each is an independent twin."""
+def start(settings: dict, processes: int, worker_ids: list[int]) -> list[subprocess.Popen]:
+    """One worker process per id (pinned to core `id`, or given GPU `id`). With `processes` > 1 they are
+    joined by jax.distributed; with 1, each is an independent twin. A lockstep worker takes its turns
+    on stdin; stderr goes to a file, so that a long run cannot fill its pipe."""
     port, procs = free_port(), []
     for rank, worker in enumerate(worker_ids):
         command, env = worker_process(
@@ -77,14 +84,82 @@ def launch(settings: dict, processes: int, worker_ids: list[int]) -> list[dict]:
              json.dumps({**settings, "processes": processes, "rank": rank if processes > 1 else 0, "port": port})],
             worker,
         )
-        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        log = tempfile.TemporaryFile("w+")
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=log,
+                                      stdin=subprocess.PIPE if settings.get("lockstep") else None, text=True))
+        procs[-1].log = log
+    return procs
+
+
+def failure(proc: subprocess.Popen, name: str) -> RuntimeError:
+    """A worker's failure, with the end of its stderr."""
+    proc.log.seek(0)
+    return RuntimeError(f"a worker of {name} failed ({proc.returncode}): {proc.log.read()[-3000:]}")
+
+
+def finish(procs: list[subprocess.Popen], name: str) -> list[dict]:
+    """Each worker's JSON result (its last line), once it has ended. Every lockstep worker is released
+    first: a process that exits waits in jax.distributed's shutdown for the others."""
+    for proc in procs:
+        if proc.stdin:
+            proc.stdin.close()
     results = []
     for proc in procs:
-        out, err = proc.communicate(timeout=1800)
+        out = proc.stdout.read()  # through the buffer `expect` read from, not `communicate`'s raw pipe
+        proc.wait(timeout=1800)
         if proc.returncode != 0:
-            raise RuntimeError(f"a worker of {settings['name']} failed ({proc.returncode}): {err[-3000:]}")
+            raise failure(proc, name)
         results.append(json.loads(out.strip().splitlines()[-1]))
     return results
+
+
+def launch(settings: dict, processes: int, worker_ids: list[int]) -> list[dict]:
+    """Start one worker process per id and let it run; their JSON results."""
+    return finish(start(settings, processes, worker_ids), settings["name"])
+
+
+def expect(procs: list[subprocess.Popen], line: str, name: str) -> None:
+    """Wait for every lockstep worker of `procs` to say `line` (passing over what else their runtimes
+    print, such as gloo's connection lines)."""
+    for proc in procs:
+        said = proc.stdout.readline()
+        while said and said.strip() != line:
+            said = proc.stdout.readline()
+        if not said:  # it ended without saying it
+            proc.wait()
+            raise failure(proc, name)
+
+
+def launch_lockstep(settings: dict, baseline: dict, processes: int, steps: int) -> tuple[list[dict], list[dict]]:
+    """The configuration's `processes` workers and as many 1-worker `baseline` twins on the same cores,
+    in turn: one step of every worker, then one of every twin, `steps` times (each waits for its turn
+    blocked on stdin, idle). The twins start once the workers are ready, so that they do not disturb
+    what the workers measure before their first step (the split's timing), and the workers measure
+    their links and exit only once the twins' last step is over. Both groups' JSON results."""
+    ids, started = list(range(processes)), []
+    try:
+        workers = start({**settings, "lockstep": True}, processes, ids)
+        started += workers
+        expect(workers, "ready", settings["name"])
+        twins = start({**baseline, "lockstep": True}, 1, ids)
+        started += twins
+        expect(twins, "ready", baseline["name"])
+        for _ in range(steps):
+            for group, name in ((workers, settings["name"]), (twins, baseline["name"])):
+                for proc in group:
+                    try:
+                        proc.stdin.write("step\n")
+                        proc.stdin.flush()
+                    except BrokenPipeError:  # it has ended
+                        proc.wait()
+                        raise failure(proc, name) from None
+                expect(group, "stepped", name)
+        return finish(workers, settings["name"]), finish(twins, baseline["name"])
+    finally:  # a worker that failed leaves none of the others waiting for a turn
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def keep_memory(settings: dict) -> bool:
@@ -190,8 +265,13 @@ def run_worker(settings: dict) -> int:
     state = trainer.init(jax.random.key(0), x)
     parts = {"input": [], "dispatch": [], "wait": []}
     used = Usage()
+    lockstep = settings.get("lockstep")
+    if lockstep:
+        print("ready", flush=True)
     for i in range(settings["warmup"] + settings["steps"]):
         timed = i >= settings["warmup"]
+        if lockstep:  # this core's turn: the other program on it has finished its step
+            sys.stdin.readline()
         before = Usage.now() if timed else None  # warm-up steps are not counted: no /proc reads for them
         start = time.perf_counter()
         batch = trainer.global_batch(B, x_local, y_local)
@@ -204,6 +284,10 @@ def run_worker(settings: dict) -> int:
             used.add(before, Usage.now())
             for name, seconds in (("input", placed - start), ("dispatch", dispatched - placed), ("wait", done - dispatched)):
                 parts[name].append(seconds)
+        if lockstep:
+            print("stepped", flush=True)
+    if lockstep:  # nothing more (the links, the exit) until the driver ends the turns: the twins' steps are over
+        sys.stdin.readline()
     totals = [sum(p) for p in zip(*parts.values())]
     result = {"process": jax.process_index(), "seconds_per_step": statistics.median(totals),
               "parts_ms": {name: 1e3 * statistics.median(v) for name, v in parts.items()},
@@ -341,8 +425,14 @@ def measure_round(names: list[str], args, base: dict, round_index: int) -> tuple
             label = name if micro == 1 else f"{name}-M{M}"
             settings = {**base, "name": label, "algorithm": algorithm, "stash": stash, "microbatches": M,
                         "links": name == links_row}
+            twins = None
             if workers == 1:  # the baseline and its twin, side by side, each alone in its process
                 results = launch(settings, 1, list(range(args.processes)))
+            elif args.lockstep:
+                baseline = {**base, "name": "bp1 (lockstep twin)", **dict(zip(("algorithm", "stash", "microbatches"),
+                                                                              (CONFIGS["bp1"][0], *CONFIGS["bp1"][2:]))),
+                            "links": False}
+                results, twins = launch_lockstep(settings, baseline, args.processes, args.warmup + args.steps)
             else:
                 results = launch(settings, args.processes, list(range(args.processes)))
             provenance = provenance or results[0].get("provenance")
@@ -356,13 +446,26 @@ def measure_round(names: list[str], args, base: dict, round_index: int) -> tuple
                    "boundaries": results[0]["boundaries"]}
             if "links" in results[0]:
                 row["links"] = results[0]["links"]
+            if twins is not None:
+                row["lockstep"] = lockstep_speedups(results, twins)
             rows.append(row)
-            print(f"round {round_index} {label:<18} {1e3 * seconds:8.1f} ms/step {args.batch / seconds:8.1f} images/s",
-                  flush=True)
+            print(f"round {round_index} {label:<18} {1e3 * seconds:8.1f} ms/step {args.batch / seconds:8.1f} images/s"
+                  + (f", {row['lockstep']['speedup_median']:.2f}x its lockstep twins" if twins else ""), flush=True)
     baseline = next((r["seconds_per_step"] for r in rows if r["name"] == "bp1"), None)
     for row in rows:
         row["speedup_vs_1_worker"] = None if baseline is None else baseline / row["seconds_per_step"]
     return rows, provenance
+
+
+def lockstep_speedups(workers: list[dict], twins: list[dict]) -> dict:
+    """A lockstep launch's speedup step by step: the mean of the twins' baseline steps (each run right
+    after the configuration's step on its core) over the configuration's step (process 0's, as its
+    row); their median, and the twins' own timings."""
+    alone = [statistics.mean(steps) for steps in zip(*(t["step_ms"] for t in twins))]
+    speedups = [a / step for a, step in zip(alone, workers[0]["step_ms"])]
+    return {"baseline_seconds": statistics.median(alone) / 1e3, "speedups": speedups,
+            "speedup_median": statistics.median(speedups),
+            "twins": [{k: t[k] for k in ("seconds_per_step", "step_ms", "cpu_ms_per_step")} for t in twins]}
 
 
 def over_rounds(rows: list[dict]) -> dict:
@@ -378,21 +481,25 @@ def over_rounds(rows: list[dict]) -> dict:
             "speedup_range": [min(speedups), max(speedups)] if speedups else None,
             "speedups": speedups, "boundaries": sorted({tuple(r["boundaries"]) for r in mine}),
         }
+        lockstep = [r["lockstep"]["speedup_median"] for r in mine if "lockstep" in r]
+        if lockstep:
+            summary[name]["lockstep_speedup_median"] = statistics.median(lockstep)
+            summary[name]["lockstep_speedups"] = lockstep
     return summary
 
 
-def best_per_round(rows: list[dict]) -> dict:
+def best_per_round(rows: list[dict], speedup=lambda row: row["speedup_vs_1_worker"]) -> dict:
     """Per algorithm run on every worker: in each round its fastest configuration (FDBP's best stash, the
-    pipelines' best M) and that speedup, then their median and range: how a speedup asked "with the
-    best stash, in repeated runs" reads off the rounds."""
+    pipelines' best M) and that `speedup` (by default against the round's 1-worker launch), then their
+    median and range: how a speedup asked "with the best stash, in repeated runs" reads off the rounds."""
     best: dict = {}
     for row in rows:
-        if row["workers"] == 1 or row["speedup_vs_1_worker"] is None:
+        if row["workers"] == 1 or speedup(row) is None:
             continue
         per_round = best.setdefault(row["algorithm"], {})
         kept = per_round.get(row["round"])
-        if kept is None or row["speedup_vs_1_worker"] > kept["speedup"]:
-            per_round[row["round"]] = {"round": row["round"], "name": row["name"], "speedup": row["speedup_vs_1_worker"]}
+        if kept is None or speedup(row) > kept["speedup"]:
+            per_round[row["round"]] = {"round": row["round"], "name": row["name"], "speedup": speedup(row)}
     summary = {}
     for algorithm, per_round in best.items():
         speedups = [entry["speedup"] for entry in per_round.values()]
@@ -424,6 +531,9 @@ def main(argv=None) -> int:
                         "auto: halves for the ResNets, whole blocks otherwise)")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every configuration this many times, round by round (speedups within each round)")
+    p.add_argument("--lockstep", action="store_true",
+                   help="run each multi-worker configuration in turn with 1-worker BP twins on the same cores, "
+                        "step by step: each step's speedup against the baseline step right after it")
     p.add_argument("--check-model", action="store_true",
                    help="also predict every row with fdbp_jax.perf from curves measured on one worker and the links")
     p.add_argument("--system-malloc", action="store_true",
@@ -465,6 +575,9 @@ def main(argv=None) -> int:
                              "split_unit": args.split_unit,
                              "data": "random normal images, fixed seed 0", "pinned": not on_gpu()},
               "rows": rows, "over_rounds": over_rounds(rows), "best_per_round": best_per_round(rows), "model": None}
+    if args.lockstep:
+        result["best_per_round_lockstep"] = best_per_round(
+            rows, lambda row: row["lockstep"]["speedup_median"] if "lockstep" in row else None)
     write_json(result, args.out)  # the measurements are kept whatever the model's check does
     if args.check_model:
         result["model"] = check_model(rows, args)
@@ -479,9 +592,11 @@ def main(argv=None) -> int:
                 low, high = entry["speedup_range"]
                 print(f"{name:<18} speedup median {entry['speedup_median']:.2f}x over {args.rounds} rounds "
                       f"({low:.2f}-{high:.2f}x)")
-    for algorithm, entry in result["best_per_round"].items():
-        rounds = ", ".join(f"{e['speedup']:.2f}x ({e['name']})" for e in entry["rounds"])
-        print(f"{algorithm} at its best, per round: {rounds}; median {entry['median']:.2f}x")
+    for key, against in (("best_per_round", "the round's 1-worker launch"),
+                         ("best_per_round_lockstep", "its lockstep twins")):
+        for algorithm, entry in result.get(key, {}).items():
+            rounds = ", ".join(f"{e['speedup']:.2f}x ({e['name']})" for e in entry["rounds"])
+            print(f"{algorithm} at its best against {against}, per round: {rounds}; median {entry['median']:.2f}x")
     return 0
 
 

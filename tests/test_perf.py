@@ -193,6 +193,81 @@ def test_bench_workers_reads_each_algorithms_best_configuration_per_round():
     assert best["bp"]["median"] == pytest.approx(1.95)
 
 
+FAKE_WORKER = """
+import glob, json, os, sys, time
+settings = json.loads(sys.argv[1])
+who = f"{settings['name']} {os.getpid()}"
+print("[Gloo] a runtime's own line on stdout", flush=True)
+print("ready", flush=True)
+steps = []
+for _ in range(settings["warmup"] + settings["steps"]):
+    sys.stdin.readline()
+    start = time.monotonic()
+    time.sleep(0.02)
+    steps.append((start, time.monotonic()))
+    print("stepped", flush=True)
+sys.stdin.readline()  # released by the driver
+steps.append((time.monotonic(), time.monotonic()))
+open(f"{settings['log']}.{settings['name']}.{os.getpid()}", "w").close()  # as jax.distributed's shutdown,
+deadline = time.monotonic() + 20  # wait until every process of the group is released
+while len(glob.glob(f"{settings['log']}.{settings['name']}.*")) < 2:
+    if time.monotonic() > deadline:
+        sys.exit("the other process of the group was never released")
+    time.sleep(0.01)
+with open(settings["log"], "a") as log:
+    log.writelines(f"{who} {a} {b}\\n" for a, b in steps)
+print(json.dumps({"step_ms": [1e3 * (b - a) for a, b in steps[:-1]], "seconds_per_step": 0.02, "cpu_ms_per_step": 0.0}))
+"""
+
+
+def test_lockstep_runs_each_configuration_step_and_its_twins_step_in_turn(tmp_path, monkeypatch):
+    """--lockstep drives real processes: the configuration's workers start first, then the twins, and
+    each step of every worker ends before the twins' step starts, which ends before the next step; the
+    workers go on (to their links, their exit) only after the twins' last step, all of them together
+    (each waits at exit for the others, as in jax.distributed's shutdown); lines a runtime prints (gloo's)
+    are passed over; each step's speedup is the twins' mean over it."""
+    module = bench_workers()
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    monkeypatch.setattr(module, "worker_process", lambda command, worker: (
+        [sys.executable, str(script), command[-1]], dict(os.environ)))
+    log = str(tmp_path / "steps.log")
+    settings = {"name": "fdbp", "warmup": 1, "steps": 2, "log": log}
+    workers, twins = module.launch_lockstep(settings, {**settings, "name": "bp1"}, processes=2, steps=3)
+    assert len(workers) == len(twins) == 2 and all(len(r["step_ms"]) == 3 for r in workers + twins)
+    steps: dict[str, dict[str, list]] = {}  # name -> process -> its (start, end) of each step, then its release
+    for line in open(log):
+        name, pid, start, end = line.split()
+        steps.setdefault(name, {}).setdefault(pid, []).append((float(start), float(end)))
+    assert [len(processes) for processes in steps.values()] == [2, 2]
+    for step in range(3):
+        worker_steps = [mine[step] for mine in steps["fdbp"].values()]
+        twin_steps = [mine[step] for mine in steps["bp1"].values()]
+        assert max(end for _, end in worker_steps) <= min(start for start, _ in twin_steps)
+        # the workers' next step, or after the last one their release (to measure the links and exit)
+        assert max(end for _, end in twin_steps) <= min(mine[step + 1][0] for mine in steps["fdbp"].values())
+
+    speedups = module.lockstep_speedups([{"step_ms": [400.0, 350.0, 360.0]}, {"step_ms": [401.0, 351.0, 361.0]}],
+                                        [{"step_ms": [700.0, 640.0, 720.0], "seconds_per_step": 0.7, "cpu_ms_per_step": 1},
+                                         {"step_ms": [740.0, 660.0, 720.0], "seconds_per_step": 0.7, "cpu_ms_per_step": 1}])
+    assert speedups["speedups"] == pytest.approx([1.8, 650 / 350, 2.0])
+    assert speedups["speedup_median"] == pytest.approx(650 / 350) and speedups["baseline_seconds"] == pytest.approx(0.72)
+
+
+def test_a_lockstep_worker_that_dies_stops_the_run_with_its_error(tmp_path, monkeypatch):
+    """A worker that ends before its turn is answered makes the driver raise with the end of its stderr,
+    not wait for a line that never comes."""
+    module = bench_workers()
+    script = tmp_path / "dying_worker.py"
+    script.write_text("import sys\nprint('ready', flush=True)\nsys.stdin.readline()\n"
+                      "sys.exit('worker lost its device')\n")
+    monkeypatch.setattr(module, "worker_process", lambda command, worker: (
+        [sys.executable, str(script), command[-1]], dict(os.environ)))
+    settings = {"name": "fdbp", "warmup": 0, "steps": 1}
+    with pytest.raises(RuntimeError, match="a worker of fdbp failed .*worker lost its device"):
+        module.launch_lockstep(settings, {**settings, "name": "bp1"}, processes=2, steps=1)
+
+
 def test_interleaved_timing_runs_every_configuration_in_turn_round_by_round():
     """`perf.time_interleaved`: after each run's first call and warm-up, `rounds` rounds in which every run
     takes `steps` steps in turn, each run's state threaded through all of its own calls."""
