@@ -414,6 +414,12 @@ def links_config(names: list[str]) -> str | None:
     return next((name for name in names if CONFIGS[name][0] == "fdbp"), None)
 
 
+def config_settings(base: dict, name: str, label: str, microbatches: int, links: bool) -> dict:
+    """A worker's settings for the configuration `name` (of CONFIGS), run as `label`."""
+    algorithm, _, stash, _ = CONFIGS[name]
+    return {**base, "name": label, "algorithm": algorithm, "stash": stash, "microbatches": microbatches, "links": links}
+
+
 def measure_round(names: list[str], args, base: dict, round_index: int) -> tuple[list[dict], dict | None]:
     """Every configuration of `names` once, each a fresh set of processes: the round's rows (speedups
     against this round's 1-worker baseline) and the provenance of its first row."""
@@ -423,16 +429,13 @@ def measure_round(names: list[str], args, base: dict, round_index: int) -> tuple
         algorithm, workers, stash, micro = CONFIGS[name]
         for M in ([1] if micro == 1 else list(map(int, args.microbatches.split(",")))):
             label = name if micro == 1 else f"{name}-M{M}"
-            settings = {**base, "name": label, "algorithm": algorithm, "stash": stash, "microbatches": M,
-                        "links": name == links_row}
+            settings = config_settings(base, name, label, M, links=name == links_row)
             twins = None
             if workers == 1:  # the baseline and its twin, side by side, each alone in its process
                 results = launch(settings, 1, list(range(args.processes)))
             elif args.lockstep:
-                baseline = {**base, "name": "bp1 (lockstep twin)", **dict(zip(("algorithm", "stash", "microbatches"),
-                                                                              (CONFIGS["bp1"][0], *CONFIGS["bp1"][2:]))),
-                            "links": False}
-                results, twins = launch_lockstep(settings, baseline, args.processes, args.warmup + args.steps)
+                twin = config_settings(base, "bp1", "bp1 (lockstep twin)", 1, links=False)
+                results, twins = launch_lockstep(settings, twin, args.processes, args.warmup + args.steps)
             else:
                 results = launch(settings, args.processes, list(range(args.processes)))
             provenance = provenance or results[0].get("provenance")
