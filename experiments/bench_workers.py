@@ -130,10 +130,10 @@ def expect(procs: list[subprocess.Popen], line: str, name: str) -> None:
             raise failure(proc, name)
 
 
-def launch_lockstep(settings: dict, baseline: dict, processes: int, steps: int) -> tuple[list[dict], list[dict]]:
+def launch_lockstep(settings: dict, baseline: dict, processes: int) -> tuple[list[dict], list[dict]]:
     """The configuration's `processes` workers and as many 1-worker `baseline` twins on the same cores,
-    in turn: one step of every worker, then one of every twin, `steps` times (each waits for its turn
-    blocked on stdin, idle). The twins start once the workers are ready, so that they do not disturb
+    in turn: one step of every worker, then one of every twin, as many times as the settings' warm-up
+    and timed steps (each waits for its turn blocked on stdin, idle). The twins start once the workers are ready, so that they do not disturb
     what the workers measure before their first step (the split's timing), and the workers measure
     their links and exit only once the twins' last step is over. Both groups' JSON results."""
     ids, started = list(range(processes)), []
@@ -144,7 +144,7 @@ def launch_lockstep(settings: dict, baseline: dict, processes: int, steps: int) 
         twins = start({**baseline, "lockstep": True}, 1, ids)
         started += twins
         expect(twins, "ready", baseline["name"])
-        for _ in range(steps):
+        for _ in range(settings["warmup"] + settings["steps"]):  # the turns each worker loops over
             for group, name in ((workers, settings["name"]), (twins, baseline["name"])):
                 for proc in group:
                     try:
@@ -435,7 +435,7 @@ def measure_round(names: list[str], args, base: dict, round_index: int) -> tuple
                 results = launch(settings, 1, list(range(args.processes)))
             elif args.lockstep:
                 twin = config_settings(base, "bp1", "bp1 (lockstep twin)", 1, links=False)
-                results, twins = launch_lockstep(settings, twin, args.processes, args.warmup + args.steps)
+                results, twins = launch_lockstep(settings, twin, args.processes)
             else:
                 results = launch(settings, args.processes, list(range(args.processes)))
             provenance = provenance or results[0].get("provenance")

@@ -233,7 +233,7 @@ def test_lockstep_runs_each_configuration_step_and_its_twins_step_in_turn(tmp_pa
         [sys.executable, str(script), command[-1]], dict(os.environ)))
     log = str(tmp_path / "steps.log")
     settings = {"name": "fdbp", "warmup": 1, "steps": 2, "log": log}
-    workers, twins = module.launch_lockstep(settings, {**settings, "name": "bp1"}, processes=2, steps=3)
+    workers, twins = module.launch_lockstep(settings, {**settings, "name": "bp1"}, processes=2)
     assert len(workers) == len(twins) == 2 and all(len(r["step_ms"]) == 3 for r in workers + twins)
     steps: dict[str, dict[str, list]] = {}  # name -> process -> its (start, end) of each step, then its release
     for line in open(log):
@@ -265,7 +265,7 @@ def test_a_lockstep_worker_that_dies_stops_the_run_with_its_error(tmp_path, monk
         [sys.executable, str(script), command[-1]], dict(os.environ)))
     settings = {"name": "fdbp", "warmup": 0, "steps": 1}
     with pytest.raises(RuntimeError, match="a worker of fdbp failed .*worker lost its device"):
-        module.launch_lockstep(settings, {**settings, "name": "bp1"}, processes=2, steps=1)
+        module.launch_lockstep(settings, {**settings, "name": "bp1"}, processes=2)
 
 
 def test_interleaved_timing_runs_every_configuration_in_turn_round_by_round():
